@@ -1,0 +1,73 @@
+"""`launch`: the scfm command line.
+
+Each subcommand lives in `scfm_launch.commands.<name>` and exposes `register(subparsers)`. Modules are imported
+when the parser is built, so they must import nothing heavy (torch, ray, deepspeed, tiledbsoma, mlflow) at module
+level: each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# The CLI surface, in the order `launch --help` lists it. tests/unit/test_cli_surface.py pins it.
+COMMANDS: tuple[str, ...] = ("validate",)
+
+EPILOG = """examples:
+  launch validate configs/demo.yaml model.attention=softmax
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch",
+        description="scfm: pretrain single-cell foundation models with sigmoid attention.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMANDS:
+        importlib.import_module(f"scfm_launch.commands.{name}").register(sub)
+    return parser
+
+
+# Exceptions that mean "bad input", one per package. Looked up only among modules already imported, so checking
+# costs nothing and pulls in nothing heavy.
+_USER_ERRORS = (
+    ("scfm_platform.errors", "ConfigError"),
+    ("scfm_platform.errors", "RunError"),
+    ("scfm_data_service.errors", "DataError"),
+    ("scfm_launch.errors", "UsageError"),
+)
+
+
+def _user_error_types(*extra: type) -> tuple[type, ...]:
+    found = [
+        getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules and hasattr(sys.modules[m], n)
+    ]
+    return (*extra, *found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scfm_launch.errors import UsageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        if not isinstance(e, _user_error_types(UsageError)):
+            raise
+        print(f"launch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"launch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

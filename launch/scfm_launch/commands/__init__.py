@@ -1,0 +1,1 @@
+"""One module per `launch` subcommand; each exposes `register(subparsers)`."""
