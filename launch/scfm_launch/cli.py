@@ -43,9 +43,7 @@ _USER_ERRORS = (
 
 
 def _user_error_types(*extra: type) -> tuple[type, ...]:
-    found = [
-        getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules and hasattr(sys.modules[m], n)
-    ]
+    found = [getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules and hasattr(sys.modules[m], n)]
     return (*extra, *found)
 
 

@@ -188,9 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(
-                f"missing required value for '{missing[0]}': set it in the YAML or as {missing[0]}=..."
-            )
+            raise ConfigError(f"missing required value for '{missing[0]}': set it in the YAML or as {missing[0]}=...")
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
@@ -204,9 +202,7 @@ def validate(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
-            raise ConfigError(
-                f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
-            )
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
     for key, (low, high, inclusive) in RANGES.items():
         value = _get(cfg, key)
         too_low = value < low if inclusive else value <= low
@@ -291,7 +287,7 @@ def _describe(e: OmegaConfBaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     name = type(e).__name__
     if name == "ConfigKeyError" or "not in struct" in msg:
-        section, _, leaf = key.rpartition(".")
+        section = key.rpartition(".")[0]
         allowed = _allowed_keys(section)
         return f"unknown key '{key}'; allowed keys{' in ' + section if section else ''}: {', '.join(allowed)}"
     if name in ("ValidationError", "ConfigTypeError", "ConfigValueError"):

@@ -27,9 +27,7 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def subparser(
-    sub: argparse._SubParsersAction, name: str, help: str, examples: str
-) -> argparse.ArgumentParser:
+def subparser(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand parser whose help ends with examples."""
     return sub.add_parser(
         name,
