@@ -1,0 +1,232 @@
+"""Backward kernels. With P = sigmoid(S), S = Q Kᵀ · scale + b and O = P V:
+
+    dV = Pᵀ dO,   dP = dO Vᵀ,   dS = dP ⊙ P ⊙ (1 − P),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
+
+Sigmoid rows are not normalised, so unlike softmax there is no row statistic to save or row-sum term to
+subtract: both kernels recompute P from Q and K. The backward is deterministic: one kernel owns a key block
+and loops over every query block of every query head in its GQA group (dK, dV); the other owns a query
+block and loops over the key blocks (dQ). Each output element is written once by one program, no atomics.
+
+Shape key: B batch, T padded length (or the longest packed sequence), H query heads, K key/value heads,
+D head dim, BD head dim padded to a power of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, block_d, dot_mode, new_output
+from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, SEQ, BIAS,
+    neg_scale_log2e, scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    T_MAX, HK,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    bias_log2 = -tl.load(BIAS + b) * 1.4426950408889634
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    key_ok = offs_n < n
+
+    kv_mask = key_ok[:, None] & mask_d[None, :]
+    k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
+    k = tl.load(k_ptrs + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
+    v = tl.load(v_ptrs + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
+    n_rows = tl.where(pid_n * BLOCK_N < n, n, 0)
+    n_full = (n_rows // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_ptrs = Q + b * stride_qb + start * stride_qt + h * stride_qh
+        q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO + b * stride_dob + start * stride_dot + h * stride_doh
+        do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :]
+        for start_m in range(0, n_rows, BLOCK_M):
+            row_ok = (start_m + offs_m) < n_rows
+            if HEAD_DIM == BLOCK_D:
+                q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
+            else:
+                q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+            sT = mma(k, tl.trans(q), None, DOT_MODE)
+            pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False)
+            if start_m >= n_full:
+                pT = tl.where(row_ok[None, :], pT, 0.0)
+            dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
+            dpT = mma(v, tl.trans(do), None, DOT_MODE)
+            dsT = pT * (1.0 - pT) * dpT
+            dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
+
+    dk = tl.where(key_ok[:, None], dk * scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    store_rows = key_ok if VARLEN else offs_n < T_MAX
+    out_mask = store_rows[:, None] & mask_d[None, :]
+    dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
+    tl.store(dk_ptrs + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
+    dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
+    tl.store(dv_ptrs + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, SEQ, BIAS,
+    neg_scale_log2e, scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T_MAX, H,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    bias_log2 = -tl.load(BIAS + b) * 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_ok = offs_m < n
+
+    qo_mask = row_ok[:, None] & mask_d[None, :]
+    q_ptrs = Q + b * stride_qb + start * stride_qt + h * stride_qh
+    q = tl.load(q_ptrs + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qo_mask, other=0.0)
+    do_ptrs = DO + b * stride_dob + start * stride_dot + h * stride_doh
+    do = tl.load(do_ptrs + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qo_mask, other=0.0)
+    k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
+    k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_keys = tl.where(pid_m * BLOCK_M < n, n, 0)
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_keys, BLOCK_N):
+        col_ok = (start_n + offs_n) < n_keys
+        if HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_MODE)
+        dp = mma(do, tl.trans(v), None, DOT_MODE)
+        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False)
+        if start_n >= n_full:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        ds = p * (1.0 - p) * dp
+        dq = mma(ds.to(k.dtype), k, dq, DOT_MODE)
+
+    dq = tl.where(row_ok[:, None], dq * scale, 0.0)
+    store_rows = row_ok if VARLEN else offs_m < T_MAX
+    dq_ptrs = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
+    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & mask_d[None, :])
+
+
+def _bwd_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ]
+
+
+def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if bd is not None and bd >= 256:
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return configs
+
+
+_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN"]
+_dkdv_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(
+        _dkdv_kernel
+    )
+)
+_dq_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_dq_kernel)
+)
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: torch.Tensor,
+    bias_B: torch.Tensor,
+    scale: float,
+    varlen: bool,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the dK/dV and dQ kernels; layouts as in `attention_forward`. Returns (dq, dk, dv)."""
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    if varlen:
+        do, q, k, v = do[None], q[None], k[None], v[None]
+        B = seq.numel() - 1
+    else:
+        B = q.shape[0]
+    _, T, H, D = q.shape
+    HK = k.shape[2]
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    t_max = max_seqlen if varlen else T
+    s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
+    meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
+    dkdv_args = (q, k, v, do, dk, dv, seq, bias_B, -scale * LOG2E, scale, *s_in)
+    dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), t_max, HK)
+    dq_args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
+    if INTERPRET:
+        _dkdv_kernel[(triton.cdiv(t_max, 16), B * HK)](*dkdv_args, **meta, BLOCK_M=16, BLOCK_N=16)
+        _dq_kernel[(triton.cdiv(t_max, 16), B * H)](*dq_args, **meta, BLOCK_M=16, BLOCK_N=16)
+    else:
+        _dkdv_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_N"]), B * HK)](*dkdv_args, **meta)
+        _dq_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*dq_args, **meta)
+    if varlen:
+        return dq[0], dk[0], dv[0]
+    return dq, dk, dv
+
+
+def _bth(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)

@@ -1,0 +1,35 @@
+"""Small shared pieces: interpreter detection, head-dim padding, output allocation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Triton decides at decoration time whether a @triton.jit function runs in its CPU interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tests set this to True: every kernel output is then filled with NaN before the launch, so a row the
+# kernel fails to write shows up as NaN instead of as a plausible stale value.
+POISON_OUTPUTS = False
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to the next power of two (at least 16); the kernels mask the extra columns."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def new_output(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """How the kernels multiply tiles: 0 native half-precision tensor-core products, 1 IEEE float32 products
+    (float32 inputs), 2 half inputs widened to float32 first (the interpreter's bfloat16 products are wrong)."""
+    if dtype == torch.float32:
+        return 1
+    return 2 if INTERPRET else 0

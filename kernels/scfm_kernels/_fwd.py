@@ -1,0 +1,201 @@
+"""Forward kernel: O = sigmoid(Q Kᵀ · scale + b) V, one program per (query block, batch · head).
+
+Shape key: B batch, T padded length (or the longest sequence when packed), H query heads, K key/value heads,
+D head dim, BD head dim padded to a power of two.
+
+Both layouts go through one kernel. Padded: q [B, T, H, D], sequence b owns rows [0, seq_lens[b]) of its
+slice and the rows past it are written as 0. Packed (VARLEN): q [N, H, D] with a zero batch stride and
+sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1]); rows of other sequences are never written.
+Key blocks past a sequence's end are never loaded: the key loop stops at the last block that holds a valid
+key, and only that block is masked.
+
+The sigmoid is exact: p = 1 / (1 + 2^(−(s·scale + b)·log2 e)), one ex2 and one fast reciprocal per score.
+The tanh form 0.5·tanh(x/2) + 0.5 with the hardware tanh approximation (FAST_SIGMOID) is one special-function
+op instead of two, but at the logits a −log(n) bias produces (x ≈ −9 for n = 8K, where sigmoid(x) ≈ 1e-4)
+it subtracts two numbers near 1, and the approximation's absolute error of ~5e-4 becomes a relative error
+of order 1 in every weight; bench.py measures both (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, block_d, dot_mode, new_output
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr):
+    """sigmoid(x) given z = −x·log2 e."""
+    if FAST_SIGMOID:
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [z * -0.34657359027997264], dtype=tl.float32, is_pure=True, pack=1
+        )
+        p = 0.5 * t + 0.5
+    else:
+        p = 1.0 / (1.0 + tl.exp2(z))
+    return p
+
+
+@triton.jit
+def mma(a, b, acc, DOT_MODE: tl.constexpr):
+    """a @ b (+ acc) with float32 accumulation; DOT_MODE as in `_common.dot_mode`."""
+    if DOT_MODE == 1:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT_MODE == 2:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def seq_bounds(SEQ, b, T_MAX, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: from cu_seqlens when packed, from seq_lens when padded."""
+    if VARLEN:
+        first = tl.load(SEQ + b)
+        n = tl.load(SEQ + b + 1) - first
+        start = first.to(tl.int64)
+    else:
+        start = 0
+        n = tl.minimum(tl.load(SEQ + b), T_MAX)
+    return start, n
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, SEQ, BIAS,
+    neg_scale_log2e,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T_MAX, H,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    bias_log2 = -tl.load(BIAS + b) * 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_ok = offs_m < n
+
+    q_ptrs = Q + b * stride_qb + start * stride_qt + h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
+    k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # A query block past the sequence's end loads no keys; it only writes zeros (padded layout).
+    n_keys = tl.where(pid_m * BLOCK_M < n, n, 0)
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        if HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=mask_d[None, :], other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_MODE)
+        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID)
+        acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+    if n_full < n_keys:
+        col_ok = (n_full + offs_n) < n_keys
+        k = tl.load(k_ptrs + n_full * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs + n_full * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_MODE)
+        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID)
+        p = tl.where(col_ok[None, :], p, 0.0)
+        acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+
+    acc = tl.where(row_ok[:, None], acc, 0.0)
+    o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :]
+    store_rows = row_ok if VARLEN else offs_m < T_MAX
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None] & mask_d[None, :])
+
+
+def _fwd_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    ]
+
+
+def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if bd is not None and bd >= 256:
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return configs
+
+
+_fwd_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(
+        configs=_fwd_configs(),
+        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(_fwd_kernel)
+)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: torch.Tensor,
+    bias_B: torch.Tensor,
+    scale: float,
+    varlen: bool,
+    max_seqlen: int,
+    fast_sigmoid: bool = False,
+) -> torch.Tensor:
+    """Launches the forward kernel. Padded: q [B, T, H, D], seq = seq_lens [B]. Packed: q [N, H, D],
+    seq = cu_seqlens [B + 1]. bias_B float32 [B]. Returns o with q's shape."""
+    if varlen:
+        q, k, v = q[None], k[None], v[None]
+        B = seq.numel() - 1
+    else:
+        B = q.shape[0]
+    _, T, H, D = q.shape
+    o = new_output(q.shape, q.dtype, q.device)
+    t_max = max_seqlen if varlen else T
+    strides = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(o, varlen)]
+    args = (q, k, v, o, seq, bias_B, -scale * LOG2E, *strides, t_max, H)
+    meta = dict(
+        GROUP=H // k.shape[2],
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
+        VARLEN=varlen,
+        DOT_MODE=dot_mode(q.dtype),
+        FAST_SIGMOID=fast_sigmoid,
+    )
+    if INTERPRET:
+        _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+    else:
+        _fwd_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*args, **meta)
+    return o[0] if varlen else o
+
+
+def _bth(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, T, H, D] view; packed tensors have no batch stride."""
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)

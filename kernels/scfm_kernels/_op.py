@@ -1,0 +1,161 @@
+"""Sigmoid attention as torch custom ops (forward, backward), their autograd link, and the public functions.
+
+Shape key: B batch, T padded length, N packed tokens, H query heads, K key/value heads, D head dim.
+
+Supported:
+  - q/k/v float16, bfloat16 (float32 accumulation) and float32 (IEEE float32 products), on CUDA;
+  - head dims 16..256, non-powers of two included (padded to the next power of two inside the kernels);
+  - GQA/MQA: k/v with K heads where H is a multiple of K;
+  - trailing padding per sequence (`seq_lens`) and packed sequences (`cu_seqlens`);
+  - forward and a deterministic backward (no atomics) for q, k and v;
+  - torch.compile: both directions are `torch.library` custom ops (`scfm::sigmoid_attn_fwd`/`_bwd`), so a
+    compiled model traces through them with no graph break.
+Not supported: causal or arbitrary masks, per-token biases, a gradient for the bias, different q and k
+lengths (cross-attention), float64 (use `sigmoid_attention_reference`).
+
+With TRITON_INTERPRET=1 the Triton kernels run in Triton's interpreter on CPU tensors (forward and
+backward); that is how the tests exercise them. Without it, CPU tensors go to the eager reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._bwd import attention_backward
+from ._common import INTERPRET
+from ._fwd import attention_forward
+from ._validate import check_padded, check_varlen
+from .reference import default_bias, sigmoid_attention_reference, sigmoid_attention_varlen_reference
+
+
+@torch.library.custom_op("scfm::sigmoid_attn_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: torch.Tensor,
+    bias_B: torch.Tensor,
+    scale: float,
+    varlen: bool,
+    max_seqlen: int,
+) -> torch.Tensor:
+    return attention_forward(q, k, v, seq, bias_B, scale, varlen, max_seqlen)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, seq, bias_B, scale, varlen, max_seqlen):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("scfm::sigmoid_attn_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: torch.Tensor,
+    bias_B: torch.Tensor,
+    scale: float,
+    varlen: bool,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, seq, bias_B, scale, varlen, max_seqlen)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, seq, bias_B, scale, varlen, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, seq, bias_B, scale, varlen, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, seq, bias_B)
+    ctx.scale, ctx.varlen, ctx.max_seqlen = scale, varlen, max_seqlen
+
+
+def _backward(ctx, do: torch.Tensor):
+    q, k, v, seq, bias_B = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do.contiguous(), q, k, v, seq, bias_B, ctx.scale, ctx.varlen, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _bias_vector(n_valid_B: torch.Tensor, bias: float | None) -> torch.Tensor:
+    if bias is None:
+        return default_bias(n_valid_B)
+    return torch.full(n_valid_B.shape, float(bias), dtype=torch.float32, device=n_valid_B.device)
+
+
+def _last_dim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def sigmoid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    *,
+    bias: float | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sigmoid attention over a padded batch: O = sigmoid(Q Kᵀ · scale + b) V.
+
+    Args:
+        q: [B, T, H, D] float16 / bfloat16 / float32.
+        k, v: [B, T, K, D], same dtype and device as q; H must be a multiple of K (GQA/MQA).
+        seq_lens: int32 [B], valid tokens per sequence (trailing padding), each in [0, T]; None means all T.
+            Keys past seq_lens[b] are never loaded; query rows past it are written as 0 and get zero grads.
+        bias: the b above. None means −log(seq_lens[b]) per sequence; a float overrides it for all.
+        scale: None means 1/√D.
+
+    Returns:
+        [B, T, H, D] in q's dtype.
+    """
+    check_padded(q, k, v, seq_lens)
+    B, T, _, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if q.device.type == "cpu" and not INTERPRET:
+        return sigmoid_attention_reference(q, k, v, seq_lens, bias=bias, scale=scale)
+    if seq_lens is None:
+        seq_lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
+    bias_B = _bias_vector(seq_lens.clamp(0, T), bias)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return _fwd_op(q, k, v, seq_lens, bias_B, scale, False, T)
+
+
+def sigmoid_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    bias: float | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sigmoid attention over packed sequences: O = sigmoid(Q Kᵀ · scale + b) V within each sequence.
+
+    Args:
+        q: [N, H, D] float16 / bfloat16 / float32, sequences packed back to back.
+        k, v: [N, K, D], same dtype and device as q; H must be a multiple of K (GQA/MQA).
+        cu_seqlens: int32 [B + 1], sequence b owns tokens [cu_seqlens[b], cu_seqlens[b + 1]);
+            non-decreasing, cu_seqlens[0] = 0 and cu_seqlens[B] = N.
+        max_seqlen: an upper bound on the longest sequence (sets the grid; too small drops rows).
+        bias: None means −log(length of the sequence) per sequence; a float overrides it for all.
+        scale: None means 1/√D.
+
+    Returns:
+        [N, H, D] in q's dtype.
+    """
+    check_varlen(q, k, v, cu_seqlens, max_seqlen)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if q.device.type == "cpu" and not INTERPRET:
+        return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, bias=bias, scale=scale)
+    bias_B = _bias_vector(cu_seqlens[1:] - cu_seqlens[:-1], bias)
+    q, k, v = _last_dim_contiguous(q, k, v)
+    return _fwd_op(q, k, v, cu_seqlens, bias_B, scale, True, max_seqlen)

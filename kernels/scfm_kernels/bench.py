@@ -1,0 +1,210 @@
+"""Benchmark: `python -m scfm_kernels.bench [--quick] [--out DIR] [--no-compare]` (needs a CUDA GPU).
+
+Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 2048 / D, dense and 25% / 50%
+padded (lengths uniform in [L(1 − p), L]). TFLOPS use the FlashAttention convention: 4·B·H·L²·D forward,
+2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
+Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
+TritonSigmoid (the `triton_sigmoid` package, when importable). Also measures the exact sigmoid against the
+hardware-tanh form: error at realistic logits and forward speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from . import sigmoid_attention
+from ._fwd import attention_forward
+
+Row = dict[str, object]
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _tflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def _inputs(B: int, L: int, H: int, D: int, pad: float, gen: torch.Generator):
+    dev = "cuda"
+    q, k, v = (
+        torch.randn(B, L, H, D, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3)
+    )
+    lo = round(L * (1 - pad))
+    lens = torch.randint(lo, L + 1, (B,), device=dev, generator=gen, dtype=torch.int32)
+    if pad == 0:
+        lens.fill_(L)
+    return q, k, v, lens
+
+
+def _time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    out = fn()
+    go = torch.randn_like(out)
+    fwd = _median_ms(fn)
+    bwd = _median_ms(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True))
+    return fwd, bwd
+
+
+def _triton_sigmoid():
+    try:
+        import triton_sigmoid
+    except Exception:
+        return None
+    return triton_sigmoid
+
+
+def run_table(quick: bool, compare: bool) -> list[Row]:
+    ts = _triton_sigmoid() if compare else None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows: list[Row] = []
+    for D in (64, 128):
+        for L in (4096, 8192) if quick else (4096, 8192, 16384):
+            for pad in (0.0, 0.25, 0.5):
+                B, H = 16384 // L, 2048 // D
+                q, k, v, lens = _inputs(B, L, H, D, pad, gen)
+                flops = sum(4.0 * H * D * n * n for n in lens.tolist())
+                seq = None if pad == 0 else lens
+                row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad}
+                fwd, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
+                row["ours_fwd"], row["ours_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
+                if ts is not None:
+                    if pad == 0:
+                        ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
+                    else:
+                        ts_fn = lambda q=q, k=k, v=v, s=lens: ts.sigmoid_attention_padded(  # noqa: E731
+                            q, k, v, seq_lens_k=s, seq_lens_q=s
+                        )
+                    fwd, bwd = _time_fwd_bwd(ts_fn, (q, k, v))
+                    row["ts_fwd"], row["ts_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
+                if compare and pad == 0:
+                    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+                    for name, backend in (
+                        ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                        ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
+                    ):
+                        try:
+                            with torch.nn.attention.sdpa_kernel(backend):
+                                fwd, bwd = _time_fwd_bwd(
+                                    lambda qt=qt, kt=kt, vt=vt: torch.nn.functional.scaled_dot_product_attention(
+                                        qt, kt, vt
+                                    ),
+                                    (qt, kt, vt),
+                                )
+                            row[f"{name}_fwd"], row[f"{name}_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
+                        except Exception as exc:  # a backend missing on this build
+                            row[f"{name}_error"] = str(exc)[:120]
+                rows.append(row)
+                print(_format_row(row), flush=True)
+                del q, k, v
+    return rows
+
+
+_COLS = ["ours_fwd", "ours_bwd", "ts_fwd", "ts_bwd", "cudnn_fwd", "cudnn_bwd", "flash_fwd", "flash_bwd"]
+
+
+def _format_row(row: Row) -> str:
+    cells = [f"{row['D']:>4}", f"{row['L']:>6}", f"{row['B']:>3}", f"{row['H']:>3}", f"{row['pad']:>5.2f}"]
+    cells += [f"{row[c]:>7.0f}" if c in row else f"{'-':>7}" for c in _COLS]
+    for num, den in (("ours_fwd", "ts_fwd"), ("ours_bwd", "ts_bwd")):
+        cells.append(f"{row[num] / row[den]:>6.2f}" if den in row else f"{'-':>6}")
+    return " | ".join(cells)
+
+
+HEADER = " | ".join(["   D", "     L", "  B", "  H", "  pad"] + [f"{c:>7}" for c in _COLS] + ["fwd/ts", "bwd/ts"])
+
+
+@triton.jit
+def _sigmoid_probe(X, EXACT, FAST, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N)
+    tl.store(EXACT + offs, 1.0 / (1.0 + tl.exp2(-x * 1.4426950408889634)), mask=offs < N)
+    t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5], dtype=tl.float32, is_pure=True, pack=1)
+    tl.store(FAST + offs, 0.5 * t + 0.5, mask=offs < N)
+
+
+def sigmoid_study() -> dict[str, object]:
+    """Error of the exact (ex2 + reciprocal) and the tanh.approx sigmoid at realistic logits, and speed."""
+    out: dict[str, object] = {}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for n_keys in (1024, 8192, 16384):
+        for spread in (1.0, 3.0):
+            x = torch.randn(1 << 22, device="cuda", generator=gen) * spread - math.log(n_keys)
+            exact, fast = torch.empty_like(x), torch.empty_like(x)
+            _sigmoid_probe[(triton.cdiv(x.numel(), 1024),)](x, exact, fast, x.numel(), BLOCK=1024)
+            ref = torch.sigmoid(x.double())
+            for name, got in (("exact", exact), ("tanh", fast)):
+                rel = ((got.double() - ref).abs() / ref).float()
+                out[f"{name} n={n_keys} sd={spread} rel_err median/max"] = (rel.median().item(), rel.max().item())
+    # Attention-level error and speed, d=128, bf16, with the −log(n) bias.
+    B, T, H, D = 1, 4096, 4, 128
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
+    bias = torch.full((B,), -math.log(T), device="cuda")
+    scale = D**-0.5
+    ref = _attention_f64(q, k, v, -math.log(T), scale)
+    for name, fast in (("exact", False), ("tanh", True)):
+        o = attention_forward(q, k, v, lens, bias, scale, False, T, fast_sigmoid=fast)
+        out[f"{name} attention rel_err (bf16 out)"] = ((o.double() - ref).norm() / ref.norm()).item()
+    B, T, H = 2, 8192, 16
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
+    bias = torch.full((B,), -math.log(T), device="cuda")
+    for name, fast in (("exact", False), ("tanh", True)):
+        ms = _median_ms(lambda f=fast: attention_forward(q, k, v, lens, bias, scale, False, T, fast_sigmoid=f))
+        out[f"{name} fwd TFLOPS d=128 L=8192"] = _tflops(4.0 * B * H * T * T * D, ms)
+    return out
+
+
+def _attention_f64(q, k, v, bias: float, scale: float) -> torch.Tensor:
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    p = torch.sigmoid(q64 @ k64.transpose(-1, -2) * scale + bias)
+    return (p @ v64).transpose(1, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="L ∈ {4096, 8192} only")
+    parser.add_argument("--no-compare", action="store_true", help="skip SDPA and TritonSigmoid")
+    parser.add_argument("--no-sigmoid-study", action="store_true", help="skip the exact-vs-tanh study")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    result: dict[str, object] = {"device": torch.cuda.get_device_name()}
+    if not args.no_sigmoid_study:
+        study = sigmoid_study()
+        for key, val in study.items():
+            print(f"sigmoid study: {key}: {val}")
+        result["sigmoid_study"] = study
+    print(HEADER, flush=True)
+    rows = run_table(args.quick, not args.no_compare)
+    result["rows"] = rows
+    print("\n" + HEADER)
+    for row in rows:
+        print(_format_row(row))
+    for D in (64, 128):
+        for L in sorted({r["L"] for r in rows}):
+            dense = next(r for r in rows if r["D"] == D and r["L"] == L and r["pad"] == 0)
+            for r in rows:
+                if r["D"] == D and r["L"] == L and r["pad"] > 0:
+                    print(
+                        f"padded/dense D={D} L={L} pad={r['pad']}: fwd {r['ours_fwd'] / dense['ours_fwd']:.2f} "
+                        f"bwd {r['ours_bwd'] / dense['ours_bwd']:.2f}"
+                    )
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Sigmoid attention kernels on a CUDA GPU at realistic sizes, against a float64 oracle on the same GPU.
+
+Shape key: B batch, T padded length, N packed tokens, H/K query/key heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scfm_kernels as sk
+from scfm_kernels import _common
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in the kernel's result: some element was never written"
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _rand(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device="cuda").requires_grad_()
+
+
+def _run(B, T, H, K, D, dtype, seq_lens):
+    q, k, v = _rand(B, T, H, D, dtype=dtype), _rand(B, T, K, D, dtype=dtype), _rand(B, T, K, D, dtype=dtype)
+    out = sk.sigmoid_attention(q, k, v, seq_lens)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_reference(q64, k64, v64, seq_lens)
+    refs = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
+    return (q, k, v, go), (out, *grads), refs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("B", "T", "H", "K", "D"),
+    [(2, 2048, 4, 4, 128), (2, 1536, 4, 2, 64), (2, 1000, 4, 1, 80), (1, 1024, 2, 2, 256), (2, 777, 2, 1, 48)],
+)
+def test_padded_matches_float64(B, T, H, K, D, dtype):
+    lens = torch.randint(1, T + 1, (B,), device="cuda", dtype=torch.int32)
+    lens[0] = T
+    if B > 1:
+        lens[1] = 1 if D != 128 else T // 2 + 3
+    _, got, want = _run(B, T, H, K, D, dtype, lens)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = _relerr(g, w)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} ({dtype}, D={D}, T={T})"
+    for b, n in enumerate(lens.tolist()):
+        for name, t in zip(("out", "dq", "dk", "dv"), got):
+            assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0"
+
+
+def test_float32_dense():
+    _, got, want = _run(1, 512, 2, 1, 64, torch.float32, None)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _relerr(g, w) < TOL[torch.float32], name
+
+
+def test_backward_is_deterministic():
+    B, T, H, K, D = 2, 1024, 4, 2, 128
+    lens = torch.tensor([T, 600], device="cuda", dtype=torch.int32)
+    q, k, v = (
+        _rand(B, T, H, D, dtype=torch.bfloat16),
+        _rand(B, T, K, D, dtype=torch.bfloat16),
+        _rand(B, T, K, D, dtype=torch.bfloat16),
+    )
+    go = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    first = torch.autograd.grad(sk.sigmoid_attention(q, k, v, lens), (q, k, v), go)
+    for _ in range(3):
+        again = torch.autograd.grad(sk.sigmoid_attention(q, k, v, lens), (q, k, v), go)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b), "backward differs between identical runs"
+
+
+def test_varlen_equals_padded():
+    T, H, K, D = 1024, 4, 2, 128
+    lens = torch.tensor([T, 1, 517, 0, 900], dtype=torch.int32, device="cuda")
+    B = lens.numel()
+    cu = torch.zeros(B + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.cumsum(lens, 0)
+    N = int(cu[-1])
+    dt = torch.bfloat16
+    q, k, v = _rand(N, H, D, dtype=dt), _rand(N, K, D, dtype=dt), _rand(N, K, D, dtype=dt)
+    out = sk.sigmoid_attention_varlen(q, k, v, cu, T)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+
+    def pad(x_N):
+        x_BT = x_N.new_zeros(B, T, *x_N.shape[1:])
+        for b in range(B):
+            x_BT[b, : lens[b]] = x_N[cu[b] : cu[b + 1]]
+        return x_BT
+
+    qp, kp, vp = (pad(t.detach()).requires_grad_() for t in (q, k, v))
+    out_p = sk.sigmoid_attention(qp, kp, vp, lens)
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), pad(go))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_p, *grads_p)):
+        assert _relerr(pad(a), b.double()) < 5e-3, f"varlen {name} differs from padded"
+
+
+def test_torch_compile_inductor_no_graph_break():
+    B, T, H, D = 2, 512, 4, 64
+    lens = torch.tensor([T, 300], device="cuda", dtype=torch.int32)
+    q, k, v = (_rand(B, T, H, D, dtype=torch.bfloat16) for _ in range(3))
+
+    def loss(q, k, v):
+        return (sk.sigmoid_attention(q, k, v, lens).float() ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        assert _relerr(g, w.double()) < 1e-3

@@ -1,0 +1,198 @@
+"""Sigmoid attention kernels under Triton's CPU interpreter (TRITON_INTERPRET=1), against a float64 oracle.
+
+Every run draws fresh random inputs and poisons the kernels' outputs with NaN first, so an unwritten row
+fails the comparison. Shape key: B batch, T padded length, N packed tokens, H/K query/key heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import scfm_kernels as sk
+from scfm_kernels import _common, _op
+
+interpret_only = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels on CPU: set TRITON_INTERPRET=1 (the Makefile does)",
+)
+
+# Relative Frobenius error allowed against the float64 oracle, per input dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_forbid_fallback(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+    def _no_fallback(*args, **kwargs):
+        raise AssertionError("the public function fell back to the eager reference instead of the kernels")
+
+    monkeypatch.setattr(_op, "sigmoid_attention_reference", _no_fallback)
+    monkeypatch.setattr(_op, "sigmoid_attention_varlen_reference", _no_fallback)
+
+
+def _rand(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+def _lens(B: int, T: int, extra: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """Random lengths in [1, T] that always include T and the values in `extra`."""
+    lens = torch.randint(1, T + 1, (B,))
+    fixed = torch.tensor([T, *extra])[:B]
+    lens[: fixed.numel()] = fixed
+    return lens[torch.randperm(B)].to(torch.int32)
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in the kernel's result: some element was never written"
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _oracle(q, k, v, seq_lens, go, **kw):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = sk.sigmoid_attention_reference(q64, k64, v64, seq_lens, **kw)
+    return (out, *torch.autograd.grad(out, (q64, k64, v64), go.double()))
+
+
+def _check_padded(B, T, H, K, D, dtype, seq_lens, **kw):
+    q, k, v = _rand(B, T, H, D, dtype=dtype), _rand(B, T, K, D, dtype=dtype), _rand(B, T, K, D, dtype=dtype)
+    out = sk.sigmoid_attention(q, k, v, seq_lens, **kw)
+    assert out.shape == q.shape and out.dtype == dtype
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    want = _oracle(q, k, v, seq_lens, go, **kw)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
+        err = _relerr(got, ref)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} >= {TOL[dtype]:.0e} ({dtype}, D={D})"
+    if seq_lens is not None:
+        for b, n in enumerate(seq_lens.tolist()):
+            for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0"
+
+
+@interpret_only
+@pytest.mark.parametrize(
+    ("B", "T", "H", "K", "D", "dtype"),
+    [
+        (3, 48, 2, 2, 32, torch.float32),  # plain multi-head, T a multiple of the block
+        (3, 37, 4, 2, 48, torch.float32),  # GQA, non-power-of-two D, ragged last block
+        (2, 64, 4, 1, 64, torch.bfloat16),  # MQA in bf16
+        (3, 33, 2, 2, 16, torch.float16),  # smallest D in fp16
+        (2, 24, 2, 1, 80, torch.float32),  # D=80 padded to 128
+    ],
+)
+def test_padded_forward_and_grads_match_float64(B, T, H, K, D, dtype):
+    _check_padded(B, T, H, K, D, dtype, _lens(B, T))
+
+
+@interpret_only
+def test_dense_default_lengths_and_overrides():
+    _check_padded(2, 32, 2, 1, 32, torch.float32, None)
+    _check_padded(2, 40, 2, 2, 32, torch.float32, _lens(2, 40), bias=-2.0, scale=0.3)
+
+
+@interpret_only
+def test_varlen_equals_padded_and_reference():
+    T, H, K, D = 40, 2, 1, 32
+    lens = torch.tensor([1, T, 0, 23], dtype=torch.int32)
+    B = lens.numel()
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    N = int(cu[-1])
+    q, k, v = (
+        _rand(N, H, D, dtype=torch.float32),
+        _rand(N, K, D, dtype=torch.float32),
+        _rand(N, K, D, dtype=torch.float32),
+    )
+    out = sk.sigmoid_attention_varlen(q, k, v, cu, T)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+
+    def pad(x_N: torch.Tensor) -> torch.Tensor:
+        x_BT = x_N.new_zeros(B, T, *x_N.shape[1:])
+        for b in range(B):
+            x_BT[b, : lens[b]] = x_N[cu[b] : cu[b + 1]]
+        return x_BT
+
+    qp, kp, vp = (pad(t.detach()).requires_grad_() for t in (q, k, v))
+    out_p = sk.sigmoid_attention(qp, kp, vp, lens)
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), pad(go))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (out_p, *grads_p)):
+        assert _relerr(pad(got), want.double()) < 1e-6, f"varlen {name} differs from padded"
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_varlen_reference(q64, k64, v64, cu, T)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert _relerr(got, want) < TOL[torch.float32], f"varlen {name} differs from the float64 oracle"
+
+
+@interpret_only
+def test_torch_compile_traces_without_graph_break():
+    B, T, H, D = 2, 32, 2, 32
+    lens = _lens(B, T)
+    q, k, v = (_rand(B, T, H, D, dtype=torch.float32) for _ in range(3))
+
+    def loss(q, k, v):
+        return (sk.sigmoid_attention(q, k, v, lens) ** 2).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        assert _relerr(g, w.double()) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: (torch.randn(2, 8, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), None), "4 dims"),
+        (
+            lambda: (torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16).half(), torch.randn(2, 8, 2, 16), None),
+            "to share one dtype",
+        ),
+        (
+            lambda: (torch.randn(2, 8, 3, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), None),
+            "multiple of the key/value head count",
+        ),
+        (lambda: (torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8), torch.randn(2, 8, 2, 8), None), "16 <= D"),
+        (
+            lambda: (torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16), torch.ones(2)),
+            "expected torch.int32",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 8, 2, 16),
+                torch.randn(2, 8, 2, 16, device="meta"),
+                torch.randn(2, 8, 2, 16),
+                None,
+            ),
+            "one device",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 8, 2, 16).double(),
+                torch.randn(2, 8, 2, 16).double(),
+                torch.randn(2, 8, 2, 16).double(),
+                None,
+            ),
+            "expected one of",
+        ),
+    ],
+)
+def test_bad_inputs_say_what_was_given_and_expected(make, message):
+    q, k, v, seq_lens = make()
+    with pytest.raises(ValueError, match=message) as info:
+        sk.sigmoid_attention(q, k, v, seq_lens)
+    assert "expected" in str(info.value)
+
+
+def test_varlen_rejects_bad_cu_seqlens():
+    q = torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match=r"cu_seqlens has dtype torch.int64; expected torch.int32"):
+        sk.sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 10]), 6)
+    with pytest.raises(ValueError, match="max_seqlen is 0; expected a positive int"):
+        sk.sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 10], dtype=torch.int32), 0)
