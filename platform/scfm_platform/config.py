@@ -100,6 +100,8 @@ class ClusterConfig:
     memory_per_node: str = "256Gi"  # memory request per worker pod
     shm_size: str = "64Gi"  # /dev/shm size per pod
     node_selector: dict[str, str] = field(default_factory=dict)  # nodeSelector for worker pods
+    tolerations: list[dict[str, Any]] = field(default_factory=list)  # tolerations for worker pods (as in a pod spec)
+    checkpoint_pvc: str | None = None  # RWX PVC for run outputs/checkpoints (/checkpoints); None: pod scratch
     atlas_pvc: str | None = None  # PVC holding the atlas (mounted at /data); None: object-store URI
     storage_secret: str | None = None  # Secret with object-store credentials (env vars)
     mlflow: str = "deploy"  # deploy (the chart runs MLflow) | external (tracking.uri)
