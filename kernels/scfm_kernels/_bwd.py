@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_d, dot_mode, new_output
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output
 from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
 
 
@@ -161,15 +161,16 @@ def _bwd_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
 
 
 def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if bd is not None and bd >= 256:
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return configs
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return configs if AUTOTUNE else configs[:1]
 
 
 _BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN"]

@@ -10,6 +10,9 @@ import triton
 # Triton decides at decoration time whether a @triton.jit function runs in its CPU interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# SCFM_KERNELS_AUTOTUNE=0 skips autotuning and launches each kernel with its first fitting config (tests).
+AUTOTUNE = os.environ.get("SCFM_KERNELS_AUTOTUNE", "1") != "0"
+
 # Tests set this to True: every kernel output is then filled with NaN before the launch, so a row the
 # kernel fails to write shows up as NaN instead of as a plausible stale value.
 POISON_OUTPUTS = False

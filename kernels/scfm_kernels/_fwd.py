@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_d, dot_mode, new_output
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output
 
 LOG2E = 1.4426950408889634
 
@@ -143,8 +143,8 @@ def _fwd_configs() -> list[triton.Config]:
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if bd is not None and bd >= 256:
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return configs
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return configs if AUTOTUNE else configs[:1]
 
 
 _fwd_tuned = (

@@ -55,16 +55,31 @@ def _time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ..
     return fwd, bwd
 
 
-def _triton_sigmoid():
+def _triton_sigmoid(full_autotune: bool):
+    """The TritonSigmoid package, or None. Unless full_autotune, its autotuners keep only the 64- and
+    128-wide tiles of its own Hopper config lists (its 32-wide tiles and 4-stage configs are dropped) so
+    that tuning it takes a couple of minutes rather than many."""
     try:
         import triton_sigmoid
-    except Exception:
+        from triton_sigmoid import sigmoid_triton_dense, sigmoid_triton_padded
+    except Exception as exc:
+        print(f"TritonSigmoid not importable ({exc}); its columns stay empty")
         return None
+    if not full_autotune:
+        for mod in (sigmoid_triton_dense, sigmoid_triton_padded):
+            for obj in vars(mod).values():
+                if isinstance(obj, triton.runtime.Autotuner):
+                    kept = [
+                        c
+                        for c in obj.configs
+                        if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 64 and c.num_stages <= 3
+                    ]
+                    obj.configs = kept or obj.configs
     return triton_sigmoid
 
 
-def run_table(quick: bool, compare: bool) -> list[Row]:
-    ts = _triton_sigmoid() if compare else None
+def run_table(quick: bool, compare: bool, ts_dims: tuple[int, ...], ts_full: bool) -> list[Row]:
+    ts = _triton_sigmoid(ts_full) if compare and ts_dims else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[Row] = []
     for D in (64, 128):
@@ -77,7 +92,7 @@ def run_table(quick: bool, compare: bool) -> list[Row]:
                 row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad}
                 fwd, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_fwd"], row["ours_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
-                if ts is not None:
+                if ts is not None and D in ts_dims:
                     if pad == 0:
                         ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
                     else:
@@ -175,6 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="L ∈ {4096, 8192} only")
     parser.add_argument("--no-compare", action="store_true", help="skip SDPA and TritonSigmoid")
+    parser.add_argument("--ts-dims", default="64,128", help="head dims at which to run TritonSigmoid")
+    parser.add_argument("--ts-full-autotune", action="store_true", help="TritonSigmoid with all its configs")
     parser.add_argument("--no-sigmoid-study", action="store_true", help="skip the exact-vs-tanh study")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
     args = parser.parse_args()
@@ -188,7 +205,8 @@ def main() -> None:
             print(f"sigmoid study: {key}: {val}")
         result["sigmoid_study"] = study
     print(HEADER, flush=True)
-    rows = run_table(args.quick, not args.no_compare)
+    ts_dims = tuple(int(d) for d in args.ts_dims.split(",") if d)
+    rows = run_table(args.quick, not args.no_compare, ts_dims, args.ts_full_autotune)
     result["rows"] = rows
     print("\n" + HEADER)
     for row in rows:
