@@ -1,0 +1,130 @@
+"""Cell transformer: shapes, backends, masking of padding, presets, objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scfm_data_service import schema
+from scfm_platform.attention import attention
+from scfm_platform.config import load_config
+from scfm_platform.model import PRESETS, build_model, count_params, layer_groups
+from scfm_platform.objective import masked_loss
+from scfm_platform.synthetic import synthetic_batch
+
+N_GENES = 200
+VOCAB = N_GENES + schema.N_SPECIAL
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["data.atlas=unused", "data.max_len=32", "data.tokenizer=binned", *overrides])
+
+
+def _batch(seed: int = 0, **kw):
+    return synthetic_batch(4, 32, N_GENES, mask_ratio=0.3, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _loss(model, batch, cfg):
+    out = model(batch["gene_ids"], batch["values"], batch["seq_lens"], batch["mask"])
+    return masked_loss(out, batch, model.dims.value_encoding, cfg.data.n_bins)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("objective", ["gene", "value", "both"])
+def test_shapes_per_backend_and_objective(kind, objective):
+    cfg = _cfg(f"model.attention={kind}", f"model.objective={objective}")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    b = _batch()
+    out = model(b["gene_ids"], b["values"], b["seq_lens"], b["mask"])
+    M = int(b["mask"].sum())
+    assert out.h_BTD.shape == (4, 32, 64)
+    if objective in ("gene", "both"):
+        assert out.gene_logits_MV.shape == (M, VOCAB)
+    if objective in ("value", "both"):
+        assert out.value_pred.shape == (M, cfg.data.n_bins)
+    loss, parts = masked_loss(out, b, model.dims.value_encoding, cfg.data.n_bins)
+    assert torch.isfinite(loss) and set(parts) <= {"gene_loss", "value_loss"}
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.numel() > 1)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_padding_does_not_leak(kind):
+    """Changing padded tokens changes nothing in the valid positions or the cell embedding."""
+    cfg = _cfg(f"model.attention={kind}", "model.pooling=mean")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB).eval()
+    b = _batch()
+    ids, vals, lens = b["gene_ids"].clone(), b["values"].clone(), b["seq_lens"]
+    valid = torch.arange(32)[None, :] < lens[:, None]
+    h1 = model.encode(ids, vals, lens)
+    ids[~valid] = 7
+    vals[~valid] = 3.0
+    h2 = model.encode(ids, vals, lens)
+    torch.testing.assert_close(h1[valid], h2[valid])
+    assert h2[~valid].abs().max() == 0
+    torch.testing.assert_close(
+        model.cell_embedding(ids, vals, lens), model.cell_embedding(*[b[k] for k in ("gene_ids", "values", "seq_lens")])
+    )
+
+
+def test_attention_backends_agree_with_reference_math():
+    """softmax backend = explicit masked softmax; sigmoid backend = explicit sigmoid with −log(n) bias."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    lens = torch.tensor([6, 4], dtype=torch.int32)
+    valid = torch.arange(6)[None, :] < lens[:, None]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 16**0.5
+    sm = s.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    sg = torch.sigmoid(s - torch.log(lens.double())[:, None, None, None]) * valid[:, None, None, :]
+    for kind, p in (("softmax", sm), ("sigmoid", sg)):
+        want = torch.einsum("bhqk,bkhd->bqhd", p, v) * valid[:, :, None, None]
+        torch.testing.assert_close(attention(q, k, v, lens, kind=kind), want)
+    torch.testing.assert_close(
+        attention(q, k, v, lens, kind="softmax", softmax_backend="math"), attention(q, k, v, lens, kind="softmax")
+    )
+
+
+def test_gqa_and_stabilizers():
+    cfg = _cfg("model.heads=4", "model.kv_heads=2", "model.qk_norm=true", "model.layer_scale=0.1")
+    model = build_model(cfg, VOCAB)
+    assert model.blocks[0].ls1 is not None and isinstance(model.blocks[0].q_norm, torch.nn.RMSNorm)
+    loss, _ = _loss(model, _batch(), cfg)
+    loss.backward()
+    assert model.blocks[0].ls1.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_both_backends_learn(kind):
+    """A few AdamW steps on one batch lower the masked-gene loss."""
+    cfg = _cfg(f"model.attention={kind}")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    b = _batch()
+    losses = []
+    for _ in range(15):
+        loss, _ = _loss(model, b, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_presets_and_param_counts():
+    assert set(PRESETS) == {"tiny", "small", "base", "160m", "1b"}
+    with torch.device("meta"):
+        m160 = build_model(load_config(None, ["data.atlas=x", "model.preset=160m"]), 60_003)
+        m1b = build_model(load_config(None, ["data.atlas=x", "model.preset=1b"]), 60_003)
+    assert 150e6 < count_params(m160) < 170e6
+    assert 0.9e9 < count_params(m1b) < 1.2e9
+    groups = layer_groups(m160)
+    assert len(groups) == 16 + 2 and sum(len(v) for v in groups.values()) == len(list(m160.parameters()))
+
+
+def test_config_fields_override_preset():
+    m = build_model(_cfg("model.dim=48", "model.depth=3", "model.heads=3", "model.mlp_ratio=2"), VOCAB)
+    assert (m.dims.dim, m.dims.depth, m.dims.heads, m.dims.mlp_hidden) == (48, 3, 3, 96)
+    assert len(m.blocks) == 3
