@@ -56,6 +56,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints Ray Train keeps
     divergence_factor: float = 100.0  # stop if grad norm exceeds this times its running median
     output_dir: str = "runs"  # local directory for checkpoints and run files
+    stop_at_step: int = 0  # end this launch after this step with a checkpoint (0: run to the end); resumable
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU (0: known GPUs by name; CPU: nominal 1)
 
 
 @dataclass
@@ -167,6 +169,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.checkpoint_every": (0, None, True),
     "train.keep_checkpoints": (1, None, True),
     "train.divergence_factor": (1.0, None, False),
+    "train.stop_at_step": (0, None, True),
+    "train.peak_tflops": (0.0, None, True),
     "tracking.local_port": (0, 65535, True),
     "resources.num_workers": (1, None, True),
     "resources.cpus_per_worker": (0.0, None, False),
