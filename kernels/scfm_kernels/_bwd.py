@@ -22,6 +22,58 @@ from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
 
 
 @triton.jit
+def _dkdv_block(
+    dk, dv, k, v, q_ptrs, do_ptrs, start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One query block's contribution to a key block's dK (unscaled) and dV; MASKED for the last block."""
+    row_ok = (start_m + offs_m) < n_rows
+    if MASKED:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
+    sT = mma(k, tl.trans(q), None, DOT_MODE)
+    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    if MASKED:
+        pT = tl.where(row_ok[None, :], pT, 0.0)
+    dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
+    dpT = mma(v, tl.trans(do), None, DOT_MODE)
+    dsT = pT * (1.0 - pT) * dpT
+    dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
+    return dk, dv
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, k_ptrs, v_ptrs, start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One key block's contribution to a query block's dQ (unscaled); MASKED for the last block."""
+    col_ok = (start_n + offs_n) < n_keys
+    if MASKED:
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    s = mma(q, tl.trans(k), None, DOT_MODE)
+    dp = mma(do, tl.trans(v), None, DOT_MODE)
+    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    if MASKED:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    ds = p * (1.0 - p) * dp
+    return mma(ds.to(k.dtype), k, dq, DOT_MODE)
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, SEQ, BIAS,
     neg_scale_log2e, scale,
@@ -66,22 +118,18 @@ def _dkdv_kernel(
         q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + b * stride_dob + start * stride_dot + h * stride_doh
         do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :]
-        for start_m in range(0, n_rows, BLOCK_M):
-            row_ok = (start_m + offs_m) < n_rows
-            if HEAD_DIM == BLOCK_D:
-                q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None], other=0.0)
-            else:
-                q = tl.load(q_ptrs + start_m * stride_qt, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dot, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
-            sT = mma(k, tl.trans(q), None, DOT_MODE)
-            pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False)
-            if start_m >= n_full:
-                pT = tl.where(row_ok[None, :], pT, 0.0)
-            dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
-            dpT = mma(v, tl.trans(do), None, DOT_MODE)
-            dsT = pT * (1.0 - pT) * dpT
-            dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
+        for start_m in range(0, n_full, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qt, do_ptrs + start_m * stride_dot,
+                start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
+                HEAD_DIM, BLOCK_D, DOT_MODE, False,
+            )  # fmt: skip
+        if n_full < n_rows:
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + n_full * stride_qt, do_ptrs + n_full * stride_dot,
+                n_full, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
+                HEAD_DIM, BLOCK_D, DOT_MODE, True,
+            )  # fmt: skip
 
     dk = tl.where(key_ok[:, None], dk * scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
@@ -134,21 +182,18 @@ def _dq_kernel(
 
     n_keys = tl.where(pid_m * BLOCK_M < n, n, 0)
     n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_keys, BLOCK_N):
-        col_ok = (start_n + offs_n) < n_keys
-        if HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_MODE)
-        dp = mma(do, tl.trans(v), None, DOT_MODE)
-        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False)
-        if start_n >= n_full:
-            p = tl.where(col_ok[None, :], p, 0.0)
-        ds = p * (1.0 - p) * dp
-        dq = mma(ds.to(k.dtype), k, dq, DOT_MODE)
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, k_ptrs + start_n * stride_kt, v_ptrs + start_n * stride_vt,
+            start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
+            HEAD_DIM, BLOCK_D, DOT_MODE, False,
+        )  # fmt: skip
+    if n_full < n_keys:
+        dq = _dq_block(
+            dq, q, do, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
+            n_full, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
+            HEAD_DIM, BLOCK_D, DOT_MODE, True,
+        )  # fmt: skip
 
     dq = tl.where(row_ok[:, None], dq * scale, 0.0)
     store_rows = row_ok if VARLEN else offs_m < T_MAX
