@@ -95,3 +95,31 @@ def render(
         args += ["--set", s]
     out = helm(*args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+K8S_VERSIONS = ("1.26.0", "1.37.0")  # the chart's kubeVersion floor and the newest schema kubernetes-validate has
+
+
+def pod_templates(rayjob: dict) -> list[tuple[str, dict]]:
+    """(group name, PodTemplateSpec) of the head and each worker group."""
+    spec = rayjob["spec"]["rayClusterSpec"]
+    out = [("head", spec["headGroupSpec"]["template"])]
+    out += [(g["groupName"], g["template"]) for g in spec.get("workerGroupSpecs", [])]
+    return out
+
+
+def validate_manifest(obj: dict) -> None:
+    """A core object against the Kubernetes schema (strict); a RayJob against the KubeRay schema, and its pod
+    templates against the Kubernetes one as PodTemplates."""
+    import json
+
+    import jsonschema
+    import kubernetes_validate
+
+    if obj["apiVersion"] != "ray.io/v1":
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        return
+    jsonschema.validate(obj, json.loads(RAYJOB_SCHEMA.read_text()), cls=jsonschema.Draft202012Validator)
+    for name, template in pod_templates(obj):
+        validate_manifest({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template})

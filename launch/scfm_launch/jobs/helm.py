@@ -16,12 +16,14 @@ HELM_HELP = "install helm 3 (https://helm.sh/docs/intro/install/) or set SCFM_HE
 
 def find_helm() -> str:
     """$SCFM_HELM, else `helm` on PATH, else the copy the test helper caches (~/.cache/scfm/tools/helm)."""
-    candidates = [os.environ.get("SCFM_HELM"), shutil.which("helm"), str(Path.home() / ".cache/scfm/tools/helm")]
-    for c in candidates:
+    env = os.environ.get("SCFM_HELM")
+    if env:
+        if Path(env).is_file() and os.access(env, os.X_OK):
+            return env
+        raise UsageError(f"SCFM_HELM={env} is not an executable file; {HELM_HELP}")
+    for c in (shutil.which("helm"), str(Path.home() / ".cache/scfm/tools/helm")):
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
-    if os.environ.get("SCFM_HELM"):
-        raise UsageError(f"SCFM_HELM={os.environ['SCFM_HELM']} is not an executable file; {HELM_HELP}")
     raise UsageError(f"helm not found; {HELM_HELP}")
 
 
@@ -37,14 +39,14 @@ def explain(stderr: str, context: str | None, namespace: str) -> str:
     """helm's error output as one line saying what to do."""
     text = " ".join(stderr.split())
     where = f"context {context!r}" if context else "the current kubeconfig context"
+    if "context" in text and "does not exist" in text:
+        return f"kubeconfig has no {where}; list them with `kubectl config get-contexts`"
     if "cluster unreachable" in text or "connection refused" in text or "no such host" in text:
         return f"cannot reach the Kubernetes cluster ({where}): {text[:300]}. Check `kubectl cluster-info`"
     if 'kind "RayJob"' in text or "ensure CRDs are installed" in text:
         return (
             "KubeRay is not installed in the cluster (no ray.io/v1 RayJob kind); install its operator: docs/cluster.md"
         )
-    if "context" in text and "does not exist" in text:
-        return f"kubeconfig has no {where}; list them with `kubectl config get-contexts`"
     if "namespaces" in text and "not found" in text:
         return f"namespace {namespace!r} does not exist; create it (`kubectl create namespace {namespace}`)"
     if "forbidden" in text.lower():

@@ -15,23 +15,24 @@ T = TypeVar("T")
 
 def api_client(context: str | None) -> Any:
     """An ApiClient from the kubeconfig (KUBECONFIG or ~/.kube/config, `context` or the current one), else
-    the in-cluster service account."""
+    the in-cluster service account. Connection failures are not retried: a down API server fails at once."""
+    import os
+
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
+    conf = client.Configuration()
     try:
-        api = config.new_client_from_config(context=context)
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, context=context, client_configuration=conf
+        )
     except (ConfigException, FileNotFoundError) as e:
-        if context is None:
-            try:
-                config.load_incluster_config()
-                return client.ApiClient()
-            except ConfigException:
-                pass
-        where = f"context {context!r}" if context else "a current context"
-        raise UsageError(f"no usable kubeconfig with {where} ({e}); set KUBECONFIG or pass --context") from None
-    api.configuration.retries = 0  # fail at once when the API server is down
-    return api
+        if context is not None or "KUBERNETES_SERVICE_HOST" not in os.environ:
+            where = f"context {context!r}" if context else "a current context"
+            raise UsageError(f"no usable kubeconfig with {where} ({e}); set KUBECONFIG or pass --context") from None
+        config.load_incluster_config(client_configuration=conf)
+    conf.retries = 0
+    return client.ApiClient(conf)
 
 
 def call(fn: Callable[..., T], what: str, namespace: str, name: str, *args: Any, **kw: Any) -> T:
