@@ -169,3 +169,12 @@ def test_rayjob_schema_is_strict(ci_manifests: list[dict]) -> None:
     bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Never"
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_rayjob(bad)
+
+
+def test_tracking_only_release_renders_mlflow_alone() -> None:
+    manifests = render(release="scfm-tracking", sets=("job.enabled=false",))
+    assert sorted(m["kind"] for m in manifests) == ["Deployment", "PersistentVolumeClaim", "Service"]
+    (svc,) = by_kind(manifests, "Service")
+    assert svc["metadata"]["name"] == "scfm-tracking-mlflow"
+    for m in manifests:
+        validate_core(m)

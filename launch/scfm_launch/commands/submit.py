@@ -64,6 +64,11 @@ def _submit_kubernetes(args: argparse.Namespace, cfg: RunConfig) -> int:
     print(f"submitted to namespace {ns} as Helm release {name} (KubeRay RayJob {name})")
     print(f"follow: launch status {name}{flags}\n        launch logs {name} -f{flags}")
     print(f"stop:   launch cancel {name}{flags}")
+    if cfg.cluster.mlflow == "deploy":
+        ctx_flag = f" --context {ctx}" if ctx else ""
+        print(f"runs:   kubectl port-forward{ctx_flag} -n {ns} svc/{name}-mlflow 5000:5000, then http://localhost:5000")
+    else:
+        print(f"runs:   {cfg.tracking.uri}")
     return 0
 
 
