@@ -1,0 +1,189 @@
+"""The `launch eval` pipeline: cell embeddings → zarr + h5ad, scores, UMAP PNG, MLflow; and the in-training hook.
+
+    evaluate_checkpoint(ckpt, data)   load the model, embed every cell of the atlas, then evaluate_embeddings
+    evaluate_embeddings(ids, X, obs)  files, scores (metrics.score_adata), UMAP (plots.plot_umap), MLflow (runs)
+    training_scores(model, batches, labels)   scores only, for evaluation every N steps during training
+
+Output directory layout: embeddings.zarr, embeddings.h5ad, umap.png, scores.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scfm_platform.errors import RunError
+from scfm_platform.eval import metrics, plots, runs
+from scfm_platform.eval.embed import embed_cells, write_h5ad, write_zarr
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from rich.table import Table
+
+# What each score means, for the printed table.
+DESCRIPTIONS = {
+    "asw_label": "label silhouette, rescaled (asw+1)/2",
+    "asw_label_raw": "label silhouette in [-1, 1]",
+    "graph_connectivity": "label cohesion in the kNN graph",
+    "isolated_label_asw": "silhouette of labels in fewest batches",
+    "knn_accuracy": "kNN classifier, stratified 5-fold CV",
+    "leiden_nmi": "NMI, Leiden at the best resolution",
+    "leiden_ari": "ARI, Leiden at the best resolution",
+    "leiden_resolution": "that resolution (max NMI)",
+    "n_cells": "cells scored",
+    "n_labels": "distinct labels",
+}
+
+
+@dataclass
+class EvalResult:
+    """Scores and the files and MLflow run an evaluation produced."""
+
+    scores: dict[str, float]
+    out_dir: Path
+    zarr: Path
+    h5ad: Path
+    umap_png: Path
+    run_id: str | None
+
+
+def scores_table(scores: Mapping[str, float], *, title: str = "cell-type separation and cohesion") -> Table:
+    """rich Table of scores: name, value, what it measures."""
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold")
+    table.add_column("score", style="cyan", no_wrap=True)
+    table.add_column("value", justify="right")
+    table.add_column("meaning", style="dim")
+    for key, value in scores.items():
+        shown = f"{value:.0f}" if key.startswith("n_") else f"{value:.4f}"
+        table.add_row(key, shown, DESCRIPTIONS.get(key, ""))
+    return table
+
+
+def evaluate_embeddings(
+    joinids: np.ndarray,
+    X: np.ndarray,
+    obs: pd.DataFrame,
+    *,
+    out_dir: str | Path,
+    label: str = "cell_type",
+    batch_key: str | None = "dataset_id",
+    source_h5ad: str | Path | None = None,
+    seed: int = 0,
+    resolutions: Sequence[float] = metrics.DEFAULT_RESOLUTIONS,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    experiment: str = "scfm",
+    tags: Mapping[str, str] | None = None,
+    log: bool = True,
+) -> EvalResult:
+    """Write X [N, D] (cells `joinids` [N]) to zarr and h5ad, score it against obs[label], plot, log to MLflow.
+
+    `obs` is indexed by soma_joinid and holds `label` (and `batch_key`, used for isolated labels when present).
+    Scores go to MLflow run `run_id` (as eval/<score>, with scores.json and umap.png as artifacts), or to a new run
+    in `experiment` tagged with `tags` when `run_id` is None; `log=False` skips MLflow.
+    """
+    if label not in obs.columns:
+        raise RunError(f"label column {label!r} is not in the cell metadata; columns: {sorted(obs.columns)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    aligned = obs.reindex(joinids)
+    if aligned[label].isna().all():
+        raise RunError(f"no embedded cell has a {label!r} value: the metadata does not cover these soma_joinids")
+    attrs = {"label": label, "n_cells": len(joinids), **dict(tags or {})}
+    zarr_path = write_zarr(out / "embeddings.zarr", joinids, X, attrs=attrs)
+    h5ad_path = write_h5ad(out / "embeddings.h5ad", joinids, X, aligned, source=source_h5ad)
+
+    batch = aligned[batch_key].to_numpy() if batch_key and batch_key in aligned.columns else None
+    adata = metrics.embedding_adata(X, aligned[label].to_numpy(), batch=batch)
+    metrics.neighbors(adata, seed=seed)
+    scores = metrics.score_adata(adata, seed=seed, resolutions=resolutions)
+    umap_png = plots.plot_umap(adata, out / "umap.png", title=f"{adata.n_obs} cells by {label}", seed=seed)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+
+    logged = None
+    if log:
+        c = runs.client(tracking_uri)
+        logged = runs.log_scores(
+            c,
+            scores,
+            run_id=run_id,
+            experiment=experiment,
+            tags=tags,
+            artifacts=[out / "scores.json", umap_png],
+        )
+    return EvalResult(scores, out, zarr_path, h5ad_path, umap_png, logged)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str,
+    *,
+    out_dir: str | Path,
+    label: str = "cell_type",
+    tracking_uri: str | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`.
+
+    Pending the trainer's loader: expects `scfm_platform.checkpoint.load_model_for_inference(path) ->
+    (model, RunConfig, run_id | None)` and the data service's `iter_batches(cfg, rank=0, world_size=1, epoch=0,
+    split="all")` and `read_obs(uri, columns)`.
+    """
+    from dataclasses import replace
+
+    from scfm_data_service import iter_batches, read_obs  # type: ignore[attr-defined]
+    from scfm_platform.checkpoint import load_model_for_inference  # type: ignore[import-not-found]
+
+    if str(data).endswith(".h5ad"):
+        raise RunError("evaluating an .h5ad file directly is not supported yet; ingest it into an atlas first")
+    model, cfg, source_run = load_model_for_inference(checkpoint)
+    data_cfg = replace(cfg.data, atlas=data, tokens=None)
+    batches = iter_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
+    joinids, X = embed_cells(model, batches)
+    obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
+    tags = {runs.CHECKPOINT_TAG: str(Path(checkpoint).resolve()), "scfm.eval_data": str(data)}
+    if source_run:
+        tags[runs.SOURCE_RUN_TAG] = source_run
+    return evaluate_embeddings(
+        joinids,
+        X,
+        obs,
+        out_dir=out_dir,
+        label=label,
+        seed=seed,
+        tracking_uri=tracking_uri or cfg.tracking.uri,
+        run_id=source_run,
+        experiment=cfg.tracking.experiment,
+        tags=tags,
+    )
+
+
+def training_scores(
+    model: Any,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    labels: pd.Series,
+    *,
+    seed: int = 0,
+    resolutions: Sequence[float] = (0.25, 0.5, 1.0),
+    max_cells: int = 5000,
+) -> dict[str, float]:
+    """Scores of the model's embedding of a held-out labelled set, for the trainer to log every N steps.
+
+    `labels` is indexed by soma_joinid. At most `max_cells` cells (seeded subset) are scored, with a short Leiden
+    sweep, so one call costs seconds, not minutes. No files, no MLflow: the trainer logs the returned dict with
+    its step (as eval/<score>, like `launch eval`).
+    """
+    joinids, X = embed_cells(model, batches)
+    lab = labels.reindex(joinids).to_numpy()
+    if len(joinids) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(len(joinids), size=max_cells, replace=False))
+        X, lab = X[keep], lab[keep]
+    return metrics.score_embeddings(X, lab, seed=seed, resolutions=resolutions)
