@@ -66,7 +66,7 @@ def dead_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                 "kind": "Config",
                 "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
                 "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "dead", "context": {"cluster": "c", "user": "u"}}],
+                "contexts": [{"name": "dead", "context": {"cluster": "c", "user": "u", "namespace": "research"}}],
                 "current-context": "dead",
             }
         )
@@ -209,6 +209,12 @@ def test_describe_rayjob_status() -> None:
     assert "status:      RUNNING (deployment: Running)" in out
     assert "h200-160m-8k-x7k2p, workers ready 3/3" in out and "started:     2025-01-01T12:00:00Z" in out
     assert "status:      PENDING (deployment: New)" in k8s.describe({"metadata": {"name": "x"}})
+
+
+def test_namespace_defaults_to_the_contexts(dead_kubeconfig: str) -> None:
+    assert k8s.namespace_of(None, None) == "research"
+    assert k8s.namespace_of("scfm", None) == "scfm"
+    assert k8s.namespace_of(None, "no-such-context") == "default"
 
 
 def test_cancel_builds_a_foreground_delete(dead_kubeconfig: str) -> None:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from scfm_launch.jobs import k8s
 
-    ns = args.namespace or "default"
+    ns = k8s.namespace_of(args.namespace, args.context)
     k8s.cancel(k8s.api_client(args.context), ns, args.job)
     print(f"{args.job}: RayJob deleted; KubeRay removes its Ray cluster. MLflow and its data stay with the Helm")
     print(f"release (`helm uninstall {args.job} -n {ns}` removes the release; the MLflow PVC is kept).")

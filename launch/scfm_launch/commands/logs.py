@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from scfm_launch.jobs import k8s
 
-        chunks = k8s.stream_logs(k8s.api_client(args.context), args.namespace or "default", args.job, args.follow)
+        chunks = k8s.stream_logs(
+            k8s.api_client(args.context), k8s.namespace_of(args.namespace, args.context), args.job, args.follow
+        )
     for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()

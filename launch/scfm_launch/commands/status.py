@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from scfm_launch.jobs import k8s
 
-    ns = args.namespace or "default"
+    ns = k8s.namespace_of(args.namespace, args.context)
     print(k8s.describe(k8s.get_rayjob(k8s.api_client(args.context), ns, args.job)))
     return 0

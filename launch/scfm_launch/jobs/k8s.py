@@ -35,6 +35,22 @@ def api_client(context: str | None) -> Any:
     return client.ApiClient(conf)
 
 
+def namespace_of(namespace: str | None, context: str | None) -> str:
+    """`namespace`, else the kubeconfig context's namespace, else 'default'."""
+    if namespace:
+        return namespace
+    import os
+
+    from kubernetes import config
+
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG") or None)
+    except Exception:  # no kubeconfig: api_client reports it
+        return "default"
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else current
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
 def call(fn: Callable[..., T], what: str, namespace: str, name: str, *args: Any, **kw: Any) -> T:
     """Call a client method, turning connection and HTTP errors into one-line UsageErrors."""
     from kubernetes.client.exceptions import ApiException
