@@ -133,20 +133,21 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`.
 
-    Pending the trainer's loader: expects `scfm_platform.checkpoint.load_model_for_inference(path) ->
-    (model, RunConfig, run_id | None)` and the data service's `iter_batches(cfg, rank=0, world_size=1, epoch=0,
-    split="all")` and `read_obs(uri, columns)`.
+    Seams it relies on: `scfm_platform.checkpoint.load_model_for_inference(path) -> (model, RunConfig,
+    run_id | None)` (not written yet: checkpoints are DeepSpeed directories), `scfm_platform.data.batches(...,
+    split="all")` (every cell once, in whatever order) and `scfm_data_service.read_obs(uri, columns)`.
     """
     from dataclasses import replace
 
-    from scfm_data_service import iter_batches, read_obs  # type: ignore[attr-defined]
-    from scfm_platform.checkpoint import load_model_for_inference  # type: ignore[import-not-found]
+    from scfm_data_service import read_obs  # type: ignore[attr-defined]
+    from scfm_platform.checkpoint import load_model_for_inference  # type: ignore[attr-defined]
+    from scfm_platform.data import batches as data_batches
 
     if str(data).endswith(".h5ad"):
         raise RunError("evaluating an .h5ad file directly is not supported yet; ingest it into an atlas first")
     model, cfg, source_run = load_model_for_inference(checkpoint)
     data_cfg = replace(cfg.data, atlas=data, tokens=None)
-    batches = iter_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
+    batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
     joinids, X = embed_cells(model, batches)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
     tags = {runs.CHECKPOINT_TAG: str(Path(checkpoint).resolve()), "scfm.eval_data": str(data)}

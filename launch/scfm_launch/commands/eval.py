@@ -1,0 +1,41 @@
+"""`launch eval`: embed every cell of an atlas with a checkpoint's model, score cell-type separation, plot a UMAP,
+and log the scores to the MLflow run that produced the checkpoint (or a new run tagged with it)."""
+
+from __future__ import annotations
+
+import argparse
+
+from scfm_launch.commands._common import subparser
+
+HELP = "embed cells with a checkpoint and score cell-type separation (ASW, kNN, Leiden NMI/ARI, UMAP)"
+EXAMPLES = """  launch eval runs/demo/checkpoint_000002 --data data/atlas
+  launch eval runs/ablation-sigmoid/checkpoint_000010 --data /data/pbmc_atlas --label cell_type --out eval/sigmoid
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = subparser(sub, "eval", HELP, EXAMPLES)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory written by `launch run`")
+    p.add_argument("--data", required=True, metavar="ATLAS", help="SOMA atlas whose cells to embed and score")
+    p.add_argument("--label", default="cell_type", help="obs column with the cell-type labels (default: cell_type)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: eval/<checkpoint name>)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the run config's, else local)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kNN graph, Leiden, UMAP and CV folds")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from scfm_platform.eval.evaluate import evaluate_checkpoint, scores_table
+
+    out = Path(args.out) if args.out else Path("eval") / Path(args.checkpoint).resolve().name
+    res = evaluate_checkpoint(
+        args.checkpoint, args.data, out_dir=out, label=args.label, tracking_uri=args.tracking_uri, seed=args.seed
+    )
+    console = Console()
+    console.print(scores_table(res.scores))
+    console.print(f"embeddings: {res.zarr}  {res.h5ad}\numap: {res.umap_png}\nmlflow run: {res.run_id}")
+    return 0
