@@ -60,6 +60,10 @@ def ray_head() -> Iterator[str]:
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port=0", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=2", "--num-gpus=0",
            "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    # Fixed default ports (10001, 52365, ...) would collide with any other Ray on the machine: take free ones.
+    for flag in ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "metrics-export-port", "runtime-env-agent-port"):  # fmt: skip
+        cmd.append(f"--{flag}={free_port()}")
     log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed in teardown
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{port}"
