@@ -12,10 +12,13 @@ import importlib
 import sys
 
 # The CLI surface, in the order `launch --help` lists it. tests/unit/test_cli_surface.py pins it.
-COMMANDS: tuple[str, ...] = ("validate",)
+COMMANDS: tuple[str, ...] = ("validate", "submit", "status", "logs", "cancel")
 
 EPILOG = """examples:
   launch validate configs/demo.yaml model.attention=softmax
+  launch submit configs/h200_160m_8k.yaml --dry-run
+  launch submit configs/demo.yaml --target ray --address http://127.0.0.1:8265
+  launch status h200-160m-8k; launch logs h200-160m-8k -f; launch cancel h200-160m-8k
 """
 
 
@@ -51,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     from scfm_launch.errors import UsageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`launch run c.yaml --resume train.steps=5`): argparse leaves
+    # those for the positional it already filled, so they are collected here; anything else is an error.
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits 2
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

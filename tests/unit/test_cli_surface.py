@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+
 from scfm_launch.cli import COMMANDS, build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 
 # The CLI surface. Change this list only when a subcommand really works end to end.
-EXPECTED = ("validate",)
+EXPECTED = ("validate", "submit", "status", "logs", "cancel")
 HEAVY = ("torch", "ray", "deepspeed", "tiledbsoma", "mlflow", "triton", "zarr", "scanpy", "anndata", "kubernetes")
 
 
@@ -89,3 +90,13 @@ def test_containers_are_not_packages() -> None:
         assert not (REPO / folder / "__init__.py").exists()
         pkgs = [p.name for p in (REPO / folder).iterdir() if (p / "__init__.py").exists()]
         assert pkgs == [f"scfm_{folder}"]
+
+
+def test_overrides_may_follow_options() -> None:
+    out = _launch("validate", "configs/demo.yaml", "model.attention=softmax")
+    assert out.returncode == 0 and "attention: softmax" in out.stdout
+    out = _launch("submit", "configs/demo.yaml", "--dry-run", "cluster.worker_replicas=3", "data.atlas=s3://b/a")
+    assert out.returncode == 0, out.stderr
+    assert "replicas: 3" in out.stdout
+    bad = _launch("validate", "configs/demo.yaml", "--nope")
+    assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from scfm_platform.config import RunConfig, flatten, from_dict, load_config, to_dict, to_yaml
 from scfm_platform.errors import ConfigError
 
