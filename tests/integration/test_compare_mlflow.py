@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "1",
     ]
     log = open(root / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # own group: its workers
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -63,11 +65,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.5)
         yield uri
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this test started, and nothing else
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
