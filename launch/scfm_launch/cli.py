@@ -12,10 +12,11 @@ import importlib
 import sys
 
 # The CLI surface, in the order `launch --help` lists it. tests/unit/test_cli_surface.py pins it.
-COMMANDS: tuple[str, ...] = ("validate", "submit", "status", "logs", "cancel")
+COMMANDS: tuple[str, ...] = ("validate", "compare", "submit", "status", "logs", "cancel")
 
 EPILOG = """examples:
   launch validate configs/demo.yaml model.attention=softmax
+  launch compare --experiment scfm --metric val_loss
   launch submit configs/h200_160m_8k.yaml --dry-run
   launch submit configs/demo.yaml --target ray --address http://127.0.0.1:8265
   launch status h200-160m-8k; launch logs h200-160m-8k -f; launch cancel h200-160m-8k

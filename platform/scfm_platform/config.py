@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scfm_data_service.config import DataConfig
 from scfm_platform.errors import ConfigError
+from scfm_platform.eval.config import EvalConfig
 
 
 @dataclass
@@ -119,6 +120,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys whose values must come from a fixed set.
@@ -177,6 +179,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "resources.gpus_per_worker": (0.0, None, False),
     "resources.max_failures": (0, None, True),
     "cluster.worker_replicas": (1, None, True),
+    "eval.every": (0, None, True),
+    "eval.max_cells": (10, None, True),
     "cluster.gpus_per_node": (0, None, True),
     "cluster.cpus_per_node": (1, None, True),
 }
@@ -343,6 +347,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
+    "EvalConfig",
     "ModelConfig",
     "ResourcesConfig",
     "RunConfig",
