@@ -1,0 +1,72 @@
+"""Checkpoints: DeepSpeed's own save/load inside a Ray Train checkpoint directory.
+
+A checkpoint directory holds DeepSpeed's tag folder `ds/` (model, ZeRO optimizer partitions, LR scheduler), one
+`rng_rank{r}.pt` per rank (python, numpy, torch and CUDA generators) and `train_state.json` (step, epoch and the
+position in the epoch's batch stream). Every rank writes its own files into a local temporary directory and
+reports it; Ray Train merges them into one directory in storage. Resuming loads all of it back, so the next
+steps are the ones an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TAG = "ds"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch of the training stream
+    step_in_epoch: int = 0  # batches of `epoch` already consumed
+
+
+def save(engine, state: TrainState, rank: int) -> Path:
+    """Write this rank's part of a checkpoint into a new temporary directory and return it (collective)."""
+    path = Path(tempfile.mkdtemp(prefix="scfm-ckpt-"))
+    engine.save_checkpoint(str(path), tag=TAG, client_state={"train_state": asdict(state)})
+    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (path / STATE_FILE).write_text(json.dumps(asdict(state)))
+    return path
+
+
+def load(engine, path: str | Path, rank: int) -> TrainState:
+    """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint directory (collective)."""
+    path = Path(path)
+    load_path, _ = engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def discard(path: Path) -> None:
+    """Remove a local temporary checkpoint directory once Ray Train has persisted it."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,68 @@
+"""Where training batches come from: the data service, or a synthetic stream for `data.atlas=synthetic:<cells>`.
+
+Batches follow `scfm_data_service.schema`. The synthetic stream (no atlas, deterministic in seed/epoch/step/rank,
+200 genes, binned values) exists for smoke runs and tests of the training machinery only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from scfm_data_service import schema
+from scfm_data_service.config import DataConfig
+from scfm_platform.synthetic import synthetic_batch
+
+SYNTHETIC = "synthetic:"
+SYNTHETIC_GENES = 200
+
+
+def _synthetic_cells(d: DataConfig) -> int | None:
+    if isinstance(d.atlas, str) and d.atlas.startswith(SYNTHETIC):
+        return int(d.atlas[len(SYNTHETIC) :] or 1000)
+    return None
+
+
+def _cells_per_batch(d: DataConfig) -> int:
+    return max(1, min(d.max_cells_per_batch, d.tokens_per_batch // d.max_len))
+
+
+def vocab_size(d: DataConfig) -> int:
+    """Token vocabulary size (special tokens + genes)."""
+    if _synthetic_cells(d) is not None:
+        return SYNTHETIC_GENES + schema.N_SPECIAL
+    import scfm_data_service
+
+    return int(scfm_data_service.vocab_size(d))
+
+
+def steps_per_epoch(d: DataConfig, world_size: int) -> int:
+    """Batches each rank gets per epoch of the training split (the same on every rank)."""
+    n = _synthetic_cells(d)
+    if n is not None:
+        return max(1, int(n * (1 - d.val_fraction)) // (_cells_per_batch(d) * world_size))
+    import scfm_data_service
+
+    return int(scfm_data_service.steps_per_epoch(d, world_size))
+
+
+def batches(
+    d: DataConfig, *, rank: int, world_size: int, epoch: int, start_step: int = 0, split: str = "train"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's batches of one epoch, from batch `start_step` on."""
+    n = _synthetic_cells(d)
+    if n is None:
+        import scfm_data_service
+
+        yield from scfm_data_service.iter_batches(
+            d, rank=rank, world_size=world_size, epoch=epoch, start_step=start_step, split=split
+        )
+        return
+    steps = steps_per_epoch(d, world_size) if split == "train" else 1 << 30
+    for step in range(start_step, steps):
+        key = (d.seed * 1_000_003 + epoch) * 1_000_003 + step * 64 + rank * 2 + (split == "val")
+        gen = torch.Generator().manual_seed(key)
+        yield synthetic_batch(
+            _cells_per_batch(d), d.max_len, SYNTHETIC_GENES, mask_ratio=d.mask_ratio, n_bins=d.n_bins, generator=gen
+        )

@@ -1,0 +1,122 @@
+"""DeepSpeed engine: the config dict a RunConfig implies, `deepspeed.initialize`, and gradient norms.
+
+One data-service batch is one micro-batch (batches are token-budgeted, so the micro-batch size is 1 "batch").
+Optimizer: torch AdamW (no decay on biases, norms, LayerScale and embeddings); schedule: linear warm-up to
+`train.lr`, then cosine to `lr · min_lr_ratio` at `train.steps`. DeepSpeed steps the scheduler and saves it.
+Precision: bf16 on GPU, fp32 on CPU (`train.precision=auto`). Clipping: `train.grad_clip` (0: off).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scfm_platform.config import RunConfig
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    """bf16 when asked, or on GPU with precision=auto."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+            contiguous_gradients=ds.contiguous_gradients,
+        )
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(cfg.train.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(cfg, device)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Multiplier of train.lr at a step: linear warm-up, then cosine down to min_lr_ratio."""
+    t = cfg.train
+    warm, floor = t.warmup_steps, t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrix weights of linear layers, none on biases, norms, LayerScale, embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_steps: int):
+    """`deepspeed.initialize` with AdamW and the warm-up + cosine schedule; returns the engine."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    t = cfg.train
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, device), dist_init_required=False
+    )
+    return engine
+
+
+def grad_norms(engine, groups: dict[str, list[nn.Parameter]]) -> tuple[float, dict[str, float]]:
+    """Global and per-group L2 norms of the averaged gradients, after `engine.backward` and before `engine.step`.
+
+    ZeRO 0 holds full averaged gradients on every rank; ZeRO 1/2/3 hold a partition each, so every rank sums the
+    squares of its own fragments and one all-reduce of a [groups] vector gives the totals.
+    """
+    stage = engine.zero_optimization_stage()
+    dev = engine.device if engine.device.type == "cuda" else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    sums = []
+    for params in groups.values():
+        grads = [g for g in (_local_grad(p, stage) for p in params) if g is not None and g.numel() > 0]
+        sums.append(torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else zero)
+    sq = torch.stack(sums).to(dev)
+    if stage > 0 and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    sq = sq.double().cpu()
+    per = {name: math.sqrt(v) for name, v in zip(groups, sq.tolist())}
+    return math.sqrt(float(sq.sum())), per
+
+
+def _local_grad(p: nn.Parameter, stage: int) -> torch.Tensor | None:
+    if stage == 0:
+        return p.grad if p.grad is not None else getattr(p, "_hp_grad", None)
+    if stage == 3:
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(p)
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:  # this rank holds no fragment of p
+        return None
+    return mapping.get_lp_grad_fragment(p._index_in_param_group)

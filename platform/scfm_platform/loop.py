@@ -1,0 +1,189 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Each step: next batch → forward → masked-gene loss → backward → grad norms → divergence check → optimizer step →
+metrics (every rank reports them; rank 0 also sends them to MLflow) → validation and checkpoint when due.
+`payload` (from the driver): config (dict), tracking {uri, run_id} or None, git_commit, resume_from (a
+checkpoint directory or None; a checkpoint Ray Train hands back after a worker failure wins).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scfm_data_service import schema
+from scfm_platform import checkpoint, data
+from scfm_platform.checkpoint import TrainState
+from scfm_platform.config import RunConfig, flatten, from_dict, to_yaml
+from scfm_platform.engine import grad_norms, initialize
+from scfm_platform.flops import batch_flops, peak_flops
+from scfm_platform.model import build_model, layer_groups
+from scfm_platform.monitor import DivergenceGuard, StepTimer
+from scfm_platform.objective import masked_loss
+
+
+def train_loop(payload: dict[str, Any]) -> None:
+    """Train one rank until `train.steps` (or `train.stop_at_step`), a divergence, or a failure."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report per rank otherwise
+    cfg = from_dict(payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if payload.get("use_gpu") else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg, data.vocab_size(cfg.data))
+    groups, dims = layer_groups(model), model.dims
+    per_epoch = data.steps_per_epoch(cfg.data, world)
+    total = cfg.train.steps or cfg.train.epochs * per_epoch
+    end = min(total, cfg.train.stop_at_step) if cfg.train.stop_at_step else total
+    engine = initialize(cfg, model.to(device), device, total)
+    state = _restore(engine, rank, payload.get("resume_from"))
+    log = _logger(cfg, payload, state) if rank == 0 else None
+    guard, timer = DivergenceGuard(cfg.train.divergence_factor), StepTimer()
+    peak = peak_flops(device, cfg.train.peak_tflops) * world
+    stream = _stream(cfg, rank, world, state, per_epoch)
+    while state.step < end:
+        t_ask = time.perf_counter()
+        epoch, pos, batch = next(stream)
+        timer.data_ready(t_ask)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
+        loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
+        engine.backward(loss)
+        gnorm, per_layer = grad_norms(engine, groups)
+        n_masked = int(batch[schema.MASK].sum())
+        obj = cfg.model.objective
+        binned = obj != "gene" and dims.value_encoding == "binned"
+        flops = batch_flops(dims, batch[schema.SEQ_LENS], n_masked, gene_head=obj != "value", binned_value=binned)
+        lens = batch[schema.SEQ_LENS]
+        sums = _all_sum([loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values())])
+        loss_mean = sums[0] / world
+        reason = guard.check(loss_mean, gnorm)
+        if reason is not None:
+            _stop(state, reason, log)
+            return
+        lr = engine.get_lr()[0]
+        engine.step()
+        state = TrainState(state.step + 1, epoch, pos)
+        dt, wait = timer.lap()
+        worst = max(per_layer, key=per_layer.get)
+        metrics = {
+            "step": state.step, "epoch": epoch, "loss": loss_mean, "lr": lr, "grad_norm": gnorm,
+            "grad_norm_max_layer": per_layer[worst], "grad_norm_max_layer_index": list(per_layer).index(worst),
+            "tokens_per_s": sums[1] / dt, "cells_per_s": sums[2] / dt, "mfu": sums[3] / dt / peak,
+            "data_wait_frac": wait, "step_time_s": dt, "total_steps": total,
+        }  # fmt: skip
+        metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
+        if cfg.train.val_every and state.step % cfg.train.val_every == 0:
+            metrics["val_loss"] = _validate(engine, cfg, rank, world, device)
+        save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
+        if log is not None:
+            log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
+        if save or state.step % cfg.train.log_every == 0:
+            _report(engine, metrics, state, rank, save)
+        timer.lap()  # validation and checkpoint time is not the next step's
+    if log is not None:
+        log.close()
+
+
+def _stream(cfg: RunConfig, rank: int, world: int, state: TrainState, per_epoch: int) -> Iterator[tuple]:
+    """(epoch, batches of the epoch consumed after this one, batch) from the resume position on, across epochs."""
+    epoch, start = state.epoch, state.step_in_epoch
+    while True:
+        if start >= per_epoch:
+            epoch, start = epoch + 1, 0
+        it = data.batches(cfg.data, rank=rank, world_size=world, epoch=epoch, start_step=start)
+        for pos, batch in enumerate(islice(it, per_epoch - start), start + 1):
+            yield epoch, pos, batch
+        epoch, start = epoch + 1, 0
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        t = t.to(dev)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+@torch.no_grad()
+def _validate(engine, cfg: RunConfig, rank: int, world: int, device: torch.device) -> float:
+    """Mean masked loss over up to `train.val_batches` held-out batches per rank (the same count on every rank)."""
+    it = data.batches(cfg.data, rank=rank, world_size=world, epoch=0, split="val")
+    got = list(islice(it, cfg.train.val_batches))
+    n = torch.tensor([len(got)])
+    if dist.is_initialized() and world > 1:
+        n = n.to(device) if dist.get_backend() == "nccl" else n
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n_val = int(n.item())
+    if n_val == 0:
+        return float("nan")
+    engine.eval()
+    total = 0.0
+    dims = engine.module.dims
+    for batch in got[:n_val]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
+        total += masked_loss(out, batch, dims.value_encoding, dims.n_bins)[0].item()
+    engine.train()
+    return _all_sum([total])[0] / (n_val * world)
+
+
+def _report(engine, metrics: dict[str, Any], state: TrainState, rank: int, save: bool) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    path = checkpoint.save(engine, state, rank)
+    ckpt = ray.train.Checkpoint.from_directory(str(path))
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+    checkpoint.discard(path)
+
+
+def _restore(engine, rank: int, resume_from: str | None) -> TrainState:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return checkpoint.load(engine, d, rank)
+    if resume_from:
+        return checkpoint.load(engine, resume_from, rank)
+    return TrainState()
+
+
+def _logger(cfg: RunConfig, payload: dict[str, Any], state: TrainState):
+    tracking = payload.get("tracking")
+    if not tracking:
+        return None
+    from scfm_platform.tracking import RunLogger
+
+    log = RunLogger(tracking["uri"], tracking["run_id"])
+    if state.step == 0:
+        log.log_params(flatten(cfg))
+        log.log_text(to_yaml(cfg), "config.yaml")
+        tags = {"scfm.attention": cfg.model.attention, "scfm.preset": cfg.model.preset}
+        if payload.get("git_commit"):
+            tags["mlflow.source.git.commit"] = payload["git_commit"]
+        log.set_tags(tags)
+    return log
+
+
+def _stop(state: TrainState, reason: str, log) -> None:
+    """Divergence: every rank reports the reason (no checkpoint: the last reported one is the last good one)."""
+    import ray.train
+
+    if log is not None:
+        log.set_tags({"scfm.stop_reason": f"step {state.step + 1}: {reason}"})
+        log.close()
+    ray.train.report({"step": state.step, "stop_reason": f"step {state.step + 1}: {reason}"})

@@ -1,0 +1,48 @@
+"""Per-step bookkeeping on each worker: step timing, data-wait fraction, and the divergence guard."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+
+
+class StepTimer:
+    """Wall time of each step and how much of it went to waiting for the next batch."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.wait = 0.0
+
+    def data_ready(self, t_asked: float) -> None:
+        """Call when a batch arrives, with the time it was asked for."""
+        self.wait += time.perf_counter() - t_asked
+
+    def lap(self) -> tuple[float, float]:
+        """(step seconds, fraction of them spent waiting for data); starts the next step."""
+        now = time.perf_counter()
+        dt, wait = max(now - self.last, 1e-9), self.wait
+        self.last, self.wait = now, 0.0
+        return dt, min(1.0, wait / dt)
+
+
+class DivergenceGuard:
+    """Stop on a non-finite loss or grad norm, or a grad norm above `factor` × the median of the last 100 steps."""
+
+    def __init__(self, factor: float, warmup: int = 10, window: int = 100):
+        self.factor, self.warmup = factor, warmup
+        self.history: deque[float] = deque(maxlen=window)
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """None if the step is fine, else the reason to stop (one line)."""
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if not math.isfinite(grad_norm):
+            return f"grad norm is {grad_norm}"
+        if len(self.history) >= self.warmup:
+            median = statistics.median(self.history)
+            if grad_norm > self.factor * median:
+                return f"grad norm {grad_norm:.3g} exceeds {self.factor:g} x running median {median:.3g}"
+        self.history.append(grad_norm)
+        return None
