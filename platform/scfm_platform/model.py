@@ -5,19 +5,20 @@ M masked positions in the batch, V vocabulary (special tokens + genes), N value 
 
 Input embedding = gene embedding + expression-value embedding (+ a learned rank embedding for the rank tokenizer,
 whose token order is the expression rank). Value encoding: `binned` looks the bin index up in a table (n_bins
-rows); `continuous` maps log1p(value) through a small MLP; `auto` is binned for the binned tokenizer, else
-continuous. Blocks: x += ls·Attn(LN(x)); x += ls·MLP(LN(x)), with optional per-head RMS QK-norm and LayerScale
-(`layer_scale` > 0 is the init value of a learned per-channel gain). Attention goes through `attention.attention`.
-Heads run on masked positions only: gene logits [M, V] (tied to the gene embedding) and a value prediction
-([M, N] bin logits when binned, [M] regression when continuous). Cell embedding: CLS, or mean of valid genes.
+rows); `continuous` maps log1p(value) through a small MLP; `auto` is binned for the binned tokenizer and none for
+the rank tokenizer (its values are all 0: the order carries expression). Blocks: x += ls·Attn(LN(x));
+x += ls·MLP(LN(x)), with optional per-head RMS QK-norm and LayerScale (`layer_scale` > 0 is the init value of a
+learned per-channel gain). Attention goes through `attention.attention`. Heads run on masked positions only:
+gene logits [M, V] (tied to the gene embedding) and a value prediction ([M, N] bin logits when binned, else [M]
+regression of log1p(value)). Cell embedding: CLS, or mean of valid genes.
 
 Presets (60,000 genes + 3 special tokens, tied gene head, rank tokenizer with max_len 2048; exact numbers from
 `count_params`):
     tiny    dim 64,   depth 2,  heads 4,  mlp 4   4.1M    (CPU demo; almost all of it the gene embedding)
-    small   dim 256,  depth 4,  heads 4,  mlp 4   19.2M
-    base    dim 512,  depth 8,  heads 8,  mlp 4   57.3M
-    160m    dim 768,  depth 16, heads 12, mlp 4   161.7M  (113.4M in blocks, 46.1M gene embedding; 166.4M at 8K)
-    1b      dim 2048, depth 18, heads 16, mlp 4   1.04B
+    small   dim 256,  depth 4,  heads 4,  mlp 4   19.1M
+    base    dim 512,  depth 8,  heads 8,  mlp 4   57.1M
+    160m    dim 768,  depth 16, heads 12, mlp 4   161.1M  (113.4M in blocks, 46.1M gene embedding; 165.8M at 8K)
+    1b      dim 2048, depth 18, heads 16, mlp 4   1.03B
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Dims:
     mlp_hidden: int
     vocab_size: int
     n_bins: int
-    value_encoding: str  # binned | continuous
+    value_encoding: str  # binned | continuous | none (rank tokenizer: the order carries the expression)
 
     @property
     def head_dim(self) -> int:
@@ -66,9 +67,7 @@ def resolve_dims(m: ModelConfig, *, vocab_size: int, n_bins: int, tokenizer: str
     dim, depth, heads = m.dim or int(p["dim"]), m.depth or int(p["depth"]), m.heads or int(p["heads"])
     if dim % heads:
         raise ValueError(f"model dim {dim} is not divisible by heads {heads}")
-    value_encoding = (
-        m.value_encoding if m.value_encoding != "auto" else ("binned" if tokenizer == "binned" else "continuous")
-    )
+    value_encoding = m.value_encoding if m.value_encoding != "auto" else ("binned" if tokenizer == "binned" else "none")
     mlp_hidden = round((m.mlp_ratio or p["mlp_ratio"]) * dim)
     return Dims(dim, depth, heads, m.kv_heads or heads, mlp_hidden, vocab_size, n_bins, value_encoding)
 
@@ -126,9 +125,10 @@ class CellTransformer(nn.Module):
         self.cfg = m
         self.dims = d = resolve_dims(m, vocab_size=vocab_size, n_bins=n_bins, tokenizer=tokenizer)
         self.gene_emb = nn.Embedding(vocab_size, d.dim, padding_idx=PAD_ID)
+        self.value_emb: nn.Module | None = None
         if d.value_encoding == "binned":
-            self.value_emb: nn.Module = nn.Embedding(n_bins, d.dim)
-        else:
+            self.value_emb = nn.Embedding(n_bins, d.dim)
+        elif d.value_encoding == "continuous":
             self.value_emb = nn.Sequential(nn.Linear(1, d.dim), nn.GELU(), nn.Linear(d.dim, d.dim))
         self.rank_emb = nn.Embedding(max_len, d.dim) if tokenizer == "rank" else None
         self.blocks = nn.ModuleList(Block(d, m) for _ in range(d.depth))
@@ -158,7 +158,7 @@ class CellTransformer(nn.Module):
         x_BTD = self.gene_emb(gene_ids)
         if self.dims.value_encoding == "binned":
             x_BTD = x_BTD + self.value_emb(values.long().clamp(0, self.dims.n_bins - 1))
-        else:
+        elif self.value_emb is not None:
             x_BTD = x_BTD + self.value_emb(torch.log1p(values.float().clamp(min=0)).unsqueeze(-1).to(x_BTD.dtype))
         if self.rank_emb is not None:
             x_BTD = x_BTD + self.rank_emb(torch.arange(T, device=gene_ids.device))[None]

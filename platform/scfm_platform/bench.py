@@ -1,0 +1,136 @@
+"""Trainer benchmark on one GPU: the cell transformer's full training step, sigmoid vs softmax attention.
+
+    python -m scfm_platform.bench                         # 160m preset, 8 cells × 8192 tokens, sigmoid/flash/cudnn
+    python -m scfm_platform.bench --compile --steps 30 --json bench.json
+
+Each backend gets a fresh model (same seed) and times forward + masked-gene loss + backward + AdamW step on
+synthetic full-length cells (no padding, so every SDPA backend runs), bf16 autocast over fp32 weights, fused
+AdamW. No Ray or DeepSpeed: this measures the model and its attention. MFU uses `scfm_platform.flops` (attention
+over valid tokens included) against the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from scfm_platform.config import load_config
+from scfm_platform.flops import batch_flops, peak_flops
+from scfm_platform.model import build_model, count_params
+from scfm_platform.objective import masked_loss
+from scfm_platform.synthetic import synthetic_batch
+
+BACKENDS = {  # name → config overrides
+    "sigmoid": ["model.attention=sigmoid"],
+    "flash": ["model.attention=softmax", "model.softmax_backend=flash"],
+    "cudnn": ["model.attention=softmax", "model.softmax_backend=cudnn"],
+    "efficient": ["model.attention=softmax", "model.softmax_backend=efficient"],
+}
+
+
+def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
+    """Time `args.steps` training steps of one backend after `args.warmup` untimed ones."""
+    cfg = load_config(
+        None,
+        [
+            "data.atlas=bench",
+            f"data.max_len={args.seq_len}",
+            f"data.tokenizer={args.tokenizer}",
+            f"model.preset={args.preset}",
+            f"model.qk_norm={str(args.qk_norm).lower()}",
+            *BACKENDS[name],
+        ],
+    )
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(cfg, args.genes + 3).to(dev)
+    if args.compile:
+        model = torch.compile(model)
+    core = getattr(model, "_orig_mod", model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    batch = synthetic_batch(args.cells, args.seq_len, args.genes, full=True, generator=gen, device=dev)
+    n_masked = int(batch["mask"].sum())
+    flops = batch_flops(core.dims, batch["seq_lens"], n_masked)
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch["gene_ids"], batch["values"], batch["seq_lens"], batch["mask"])
+            loss, _ = masked_loss(out, batch, core.dims.value_encoding, core.dims.n_bins)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens = args.cells * args.seq_len
+    return {
+        "backend": name,
+        "step_s": dt,
+        "tokens_per_s": tokens / dt,
+        "mfu": flops / dt / peak_flops(dev),
+        "tflops": flops / dt / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": float(loss),
+        "params": count_params(core),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scfm_platform.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="160m")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per cell (all valid)")
+    p.add_argument("--cells", type=int, default=8, help="cells per batch")
+    p.add_argument("--genes", type=int, default=60_000, help="gene vocabulary (3 special tokens are added)")
+    p.add_argument("--tokenizer", default="rank", choices=("rank", "binned"))
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--backends", default="sigmoid,flash,cudnn", help=f"comma list of {', '.join(BACKENDS)}")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"{torch.cuda.get_device_name()}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
+    rows = []
+    for name in args.backends.split(","):
+        try:
+            rows.append(bench_one(name.strip(), args))
+        except Exception as e:  # a backend this GPU/torch lacks is reported, not fatal
+            rows.append({"backend": name, "error": str(e).splitlines()[0][:200]})
+        r = rows[-1]
+        if "error" in r:
+            print(f"{name:>9}: unavailable: {r['error']}")
+        else:
+            print(
+                f"{name:>9}: {r['step_s'] * 1e3:8.1f} ms/step  {r['tokens_per_s']:>10,.0f} tok/s  "
+                f"MFU {100 * r['mfu']:5.1f}%  {r['tflops']:6.1f} TFLOP/s  {r['peak_mem_gib']:5.1f} GiB  "
+                f"params {r['params'] / 1e6:.1f}M"
+            )
+        torch.cuda.empty_cache()
+    ok = {r["backend"]: r for r in rows if "error" not in r}
+    if "sigmoid" in ok:
+        for ref in ("flash", "cudnn"):
+            if ref in ok:
+                print(f"sigmoid / {ref} step throughput: {ok[ref]['step_s'] / ok['sigmoid']['step_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "results": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Trainer parts that need no Ray: schedule, DeepSpeed config, divergence guard, FLOPs, data stream, MLflow
+logger when the server is gone, and the `launch run` command surface."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from scfm_platform import data
+from scfm_platform.config import load_config
+from scfm_platform.engine import deepspeed_config, lr_lambda, param_groups
+from scfm_platform.errors import ConfigError, RunError
+from scfm_platform.flops import batch_flops, peak_flops, tokens_flops
+from scfm_platform.model import build_model
+from scfm_platform.monitor import DivergenceGuard
+
+
+def _cfg(*o: str):
+    return load_config(None, ["data.atlas=synthetic:300", *o])
+
+
+def test_warmup_then_cosine_to_floor():
+    f = lr_lambda(_cfg("train.warmup_steps=10", "train.min_lr_ratio=0.1"), 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(i) >= f(i + 1) for i in range(10, 120))
+
+
+def test_deepspeed_config_follows_run_config():
+    cpu = torch.device("cpu")
+    ds = deepspeed_config(_cfg("deepspeed.zero_stage=3", "train.grad_clip=0"), cpu)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.0
+    assert ds["bf16"]["enabled"] is False  # fp32 on CPU with precision=auto
+    assert deepspeed_config(_cfg("train.precision=bf16"), cpu)["bf16"]["enabled"] is True
+    assert deepspeed_config(_cfg("deepspeed.zero_stage=0"), cpu)["zero_optimization"] == {"stage": 0}
+    off = deepspeed_config(_cfg("deepspeed.offload_optimizer=true"), cpu)["zero_optimization"]["offload_optimizer"]
+    assert off["device"] == "cpu"
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = build_model(_cfg("model.layer_scale=0.1"), data.vocab_size(_cfg().data))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(".weight") and "emb" not in names[id(p)] for p in decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_divergence_guard():
+    g = DivergenceGuard(factor=10.0, warmup=3)
+    assert g.check(float("nan"), 1.0) == "loss is nan"
+    assert "grad norm is inf" in g.check(1.0, float("inf"))
+    for _ in range(3):
+        assert g.check(2.0, 1.0) is None
+    assert g.check(2.0, 9.0) is None
+    reason = g.check(2.0, 50.0)
+    assert reason is not None and "exceeds 10 x running median" in reason
+
+
+def test_flops_formula_by_hand():
+    model = build_model(_cfg("model.objective=gene"), 203)
+    d = model.dims  # tiny: dim 64, depth 2, heads 4, mlp 256
+    p_tok = 2 * (64 * 3 * 64 + 64 * 64 + 2 * 64 * 256)
+    assert tokens_flops(d) == p_tok
+    lens = torch.tensor([10, 4], dtype=torch.int32)
+    want = 6 * p_tok * 14 + 12 * 2 * 64 * (100 + 16) + 6 * 64 * 203 * 3
+    assert batch_flops(d, lens, 3) == want
+    assert peak_flops(torch.device("cpu"), 2.0) == 2e12
+
+
+def test_synthetic_stream_resumes_mid_epoch_and_is_rank_disjoint():
+    d = _cfg("data.max_len=32", "data.tokens_per_batch=256").data
+    full = list(data.batches(d, rank=0, world_size=2, epoch=1))
+    tail = list(data.batches(d, rank=0, world_size=2, epoch=1, start_step=3))
+    assert len(full) == data.steps_per_epoch(d, 2) and len(tail) == len(full) - 3
+    for a, b in zip(full[3:], tail):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other = next(data.batches(d, rank=1, world_size=2, epoch=1))
+    assert not torch.equal(other["gene_ids"], full[0]["gene_ids"])
+
+
+def test_logger_survives_a_missing_server():
+    from scfm_platform.tracking import RunLogger
+
+    log = RunLogger("http://127.0.0.1:9", "0" * 32, system_metrics=False)  # port 9: nothing listens
+    t = time.monotonic()
+    with pytest.warns(UserWarning, match="unreachable"):
+        for step in range(100):
+            log.log_metrics({"loss": 1.0 / (step + 1)}, step)
+        log.log_params({"a": "1"})
+        time.sleep(1.5)
+        log.close(timeout=5)
+    assert time.monotonic() - t < 15
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    from scfm_launch.commands import run
+
+    parser = argparse.ArgumentParser(prog="launch")
+    run.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_launch_run_arguments_and_bad_input(tmp_path):
+    args = _run_parser().parse_args(["run", "configs/demo.yaml", "model.attention=softmax", "--resume"])
+    assert args.resume and args.overrides == ["model.attention=softmax"] and args.config == "configs/demo.yaml"
+    with pytest.raises(ConfigError, match=r"model\.attention"):
+        args.func(_run_parser().parse_args(["run", "configs/demo.yaml", "model.attention=linear"]))
+    with pytest.raises(RunError, match="no earlier run"):
+        from scfm_platform.trainer import _run_dir
+
+        _run_dir(_cfg(f"train.output_dir={tmp_path}"), resume=True)
+
+
+def test_launch_run_module_imports_nothing_heavy():
+    heavy = "{'torch', 'ray', 'deepspeed', 'mlflow'}"
+    code = f"import sys, scfm_launch.commands.run; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
