@@ -41,23 +41,28 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
             f"data.tokenizer={args.tokenizer}",
             f"model.preset={args.preset}",
             f"model.qk_norm={str(args.qk_norm).lower()}",
+            f"model.heads={args.heads}",
             *BACKENDS[name],
         ],
     )
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(cfg, args.genes + 3).to(dev)
     if args.compile:
         model = torch.compile(model)
     core = getattr(model, "_orig_mod", model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(args.cells, args.seq_len, args.genes, full=True, generator=gen, device=dev)
     n_masked = int(batch["mask"].sum())
     flops = batch_flops(core.dims, batch["seq_lens"], n_masked)
 
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             out = model(batch["gene_ids"], batch["values"], batch["seq_lens"], batch["mask"])
             loss, _ = masked_loss(out, batch, core.dims.value_encoding, core.dims.n_bins)
         loss.backward()
@@ -67,12 +72,13 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / args.steps
     tokens = args.cells * args.seq_len
     return {
@@ -81,8 +87,8 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
         "tokens_per_s": tokens / dt,
         "mfu": flops / dt / peak_flops(dev),
         "tflops": flops / dt / 1e12,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": float(loss),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0,
+        "loss": float(loss.detach()),
         "params": count_params(core),
     }
 
@@ -90,6 +96,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scfm_platform.bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="160m")
+    p.add_argument("--heads", type=int, default=0, help="attention heads (0: the preset's)")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens per cell (all valid)")
     p.add_argument("--cells", type=int, default=8, help="cells per batch")
     p.add_argument("--genes", type=int, default=60_000, help="gene vocabulary (3 special tokens are added)")
@@ -99,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --device cpu for a smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"{torch.cuda.get_device_name()}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
     rows = []
     for name in args.backends.split(","):
         try:
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"MFU {100 * r['mfu']:5.1f}%  {r['tflops']:6.1f} TFLOP/s  {r['peak_mem_gib']:5.1f} GiB  "
                 f"params {r['params'] / 1e6:.1f}M"
             )
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     ok = {r["backend"]: r for r in rows if "error" not in r}
     if "sigmoid" in ok:
         for ref in ("flash", "cudnn"):
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sigmoid / {ref} step throughput: {ok[ref]['step_s'] / ok['sigmoid']['step_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "results": rows}, f, indent=1)
+            json.dump({"device": name, "args": vars(args), "results": rows}, f, indent=1)
     return 0
 
 
