@@ -80,7 +80,8 @@ def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_ste
     import deepspeed
 
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, device), dist_init_required=False

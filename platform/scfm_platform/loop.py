@@ -45,6 +45,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     total = cfg.train.steps or cfg.train.epochs * per_epoch
     end = min(total, cfg.train.stop_at_step) if cfg.train.stop_at_step else total
     engine = initialize(cfg, model.to(device), device, total)
+    if cfg.model.compile and device.type == "cuda":
+        engine.compile()  # torch.compile inside DeepSpeed (checkpoint keys stay those of the plain module)
     state = _restore(engine, rank, payload.get("resume_from"))
     log = _logger(cfg, payload, state) if rank == 0 else None
     guard, timer = DivergenceGuard(cfg.train.divergence_factor), StepTimer()

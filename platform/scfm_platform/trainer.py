@@ -76,7 +76,7 @@ def train(
     finally:
         if server is not None:
             server.stop()
-            print_fn(f"MLflow server stopped; browse again: {' '.join(server.command()[1:])}")
+            print_fn(f"MLflow server stopped; browse again: {' '.join(server.command()[2:])}")
 
 
 def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool, progress: bool, print_fn):
