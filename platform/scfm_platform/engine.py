@@ -80,7 +80,7 @@ def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_ste
     import deepspeed
 
     t = cfg.train
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" and not cfg.deepspeed.offload_optimizer  # offloaded state lives on the CPU
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
