@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = Path("configs/demo.yaml")
+CPU_NOTE = "on CPU sigmoid attention runs the eager reference (T×T scores); the Triton kernel needs a GPU"
 
 
 def build_atlas(uri: str, cells: int) -> str:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
-    table = Table(title="demo: sigmoid vs softmax attention (tiny model, CPU)")
+    table = Table(title="demo: sigmoid vs softmax attention (tiny model, CPU)", caption=CPU_NOTE)
     for col in ("attention", "steps", "loss", "val loss", "tokens/s", "wall s", "MLflow run"):
         table.add_column(col)
     for attention, (r, wall) in results.items():

@@ -1,11 +1,14 @@
 """Training through real Ray Train + DeepSpeed (CPU, gloo) with a real MLflow server on 127.0.0.1.
 
-One 2-worker ZeRO-2 run (loss goes down, MLflow has params/metrics/config, both ZeRO partitions are saved), then
-the same run stopped after 6 steps and resumed: the resumed steps' losses equal the uninterrupted run's.
+One 2-worker ZeRO-2 run (loss goes down, MLflow has params/metrics/config, both ZeRO partitions are saved); the
+same run stopped after 6 steps and resumed with `--resume`, and the same run with a training worker killed after
+its step-6 checkpoint: in both, the steps after the checkpoint have the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,29 @@ def test_stop_and_resume_gives_the_same_losses(full_run, cluster, atlas, tmp_pat
     got = [h["loss"] for h in second.history]
     assert got == pytest.approx(want, abs=1e-6, rel=0)
     assert [h["loss"] for h in first.history] == pytest.approx([h["loss"] for h in full_run.history[:6]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_worker_killed_restarts_from_last_checkpoint(full_run, cluster, atlas, tmp_path):
+    import psutil
+
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if list(tmp_path.glob("crash/run-*/checkpoint_00000006")):
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                        proc.kill()
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True).start()
+    cfg = _cfg(atlas, tmp_path, "name=crash", "resources.max_failures=1")
+    result = train(cfg, progress=False, print_fn=lambda *_: None, tracking_uri=cluster)
+    assert killed, "no training worker was killed"
+    after = result.history[-(STEPS - 6) :]
+    assert [h["step"] for h in after] == list(range(7, STEPS + 1))
+    assert [h["loss"] for h in after] == pytest.approx([h["loss"] for h in full_run.history[6:]], abs=1e-6, rel=0)
