@@ -17,8 +17,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output, set_descriptor_allocator, tma_ok
 from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+    """One (query block, key block) pair's dK (unscaled) and dV contributions, from loaded tiles."""
+    sT = mma(k, tl.trans(q), None, DOT_MODE)
+    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
+    dpT = mma(v, tl.trans(do), None, DOT_MODE)
+    dsT = pT * (1.0 - pT) * dpT
+    dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+    """One (query block, key block) pair's dQ contribution (unscaled), from loaded tiles."""
+    s = mma(q, tl.trans(k), None, DOT_MODE)
+    dp = mma(do, tl.trans(v), None, DOT_MODE)
+    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    ds = p * (1.0 - p) * dp
+    return mma(ds.to(k.dtype), k, dq, DOT_MODE)
 
 
 @triton.jit
@@ -86,7 +108,7 @@ def _dkdv_kernel(
     T_MAX, HK,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -114,22 +136,36 @@ def _dkdv_kernel(
     n_full = (n_rows // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_ptrs = Q + b * stride_qb + start * stride_qt + h * stride_qh
-        q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = DO + b * stride_dob + start * stride_dot + h * stride_doh
-        do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :]
-        for start_m in range(0, n_full, BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qt, do_ptrs + start_m * stride_dot,
-                start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
-                HEAD_DIM, BLOCK_D, DOT_MODE, False,
-            )  # fmt: skip
-        if n_full < n_rows:
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + n_full * stride_qt, do_ptrs + n_full * stride_dot,
-                n_full, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
-                HEAD_DIM, BLOCK_D, DOT_MODE, True,
-            )  # fmt: skip
+        q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
+        do_base = DO + b * stride_dob + start * stride_dot + h * stride_doh
+        if USE_TMA:
+            # Descriptors bounded to the sequence's n rows: rows past n arrive as zeros, so q = dO = 0 there
+            # and those rows add nothing to dK or dV; no block needs a mask.
+            q_desc = tl.make_tensor_descriptor(
+                q_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, BLOCK_D]
+            )
+            do_desc = tl.make_tensor_descriptor(
+                do_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dot, 1], block_shape=[BLOCK_M, BLOCK_D]
+            )
+            for start_m in range(0, n_rows, BLOCK_M):
+                q = q_desc.load([start_m, 0])
+                do = do_desc.load([start_m, 0])
+                dk, dv = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+        else:
+            q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+            do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+            for start_m in range(0, n_full, BLOCK_M):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_ptrs + start_m * stride_qt, do_ptrs + start_m * stride_dot,
+                    start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
+                    HEAD_DIM, BLOCK_D, DOT_MODE, False,
+                )  # fmt: skip
+            if n_full < n_rows:
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_ptrs + n_full * stride_qt, do_ptrs + n_full * stride_dot,
+                    n_full, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
+                    HEAD_DIM, BLOCK_D, DOT_MODE, True,
+                )  # fmt: skip
 
     dk = tl.where(key_ok[:, None], dk * scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
@@ -153,7 +189,7 @@ def _dq_kernel(
     T_MAX, H,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -174,26 +210,41 @@ def _dq_kernel(
     q = tl.load(q_ptrs + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qo_mask, other=0.0)
     do_ptrs = DO + b * stride_dob + start * stride_dot + h * stride_doh
     do = tl.load(do_ptrs + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qo_mask, other=0.0)
-    k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_keys = tl.where(pid_m * BLOCK_M < n, n, 0)
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, k_ptrs + start_n * stride_kt, v_ptrs + start_n * stride_vt,
-            start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
-            HEAD_DIM, BLOCK_D, DOT_MODE, False,
+    if USE_TMA:
+        # Keys past n arrive as zeros: v = 0 gives dP = 0 there, so dS = 0 and k's zero rows add nothing.
+        k_desc = tl.make_tensor_descriptor(
+            K + b * stride_kb + start * stride_kt + hk * stride_kh,
+            shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
-    if n_full < n_keys:
-        dq = _dq_block(
-            dq, q, do, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
-            n_full, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
-            HEAD_DIM, BLOCK_D, DOT_MODE, True,
+        v_desc = tl.make_tensor_descriptor(
+            V + b * stride_vb + start * stride_vt + hk * stride_vh,
+            shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
+        for start_n in range(0, n_keys, BLOCK_N):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE)
+    else:
+        k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
+        k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
+        v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
+        n_full = (n_keys // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, k_ptrs + start_n * stride_kt, v_ptrs + start_n * stride_vt,
+                start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
+                HEAD_DIM, BLOCK_D, DOT_MODE, False,
+            )  # fmt: skip
+        if n_full < n_keys:
+            dq = _dq_block(
+                dq, q, do, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
+                n_full, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
+                HEAD_DIM, BLOCK_D, DOT_MODE, True,
+            )  # fmt: skip
 
     dq = tl.where(row_ok[:, None], dq * scale, 0.0)
     store_rows = row_ok if VARLEN else offs_m < T_MAX
@@ -222,7 +273,7 @@ def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     return configs if AUTOTUNE else configs[:1]
 
 
-_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN"]
+_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA"]
 _dkdv_tuned = (
     None
     if INTERPRET
@@ -247,8 +298,11 @@ def attention_backward(
     scale: float,
     varlen: bool,
     max_seqlen: int,
+    dkdv_config: dict | None = None,
+    dq_config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the dK/dV and dQ kernels; layouts as in `attention_forward`. Returns (dq, dk, dv)."""
+    """Launches the dK/dV and dQ kernels; layouts as in `attention_forward`. Returns (dq, dk, dv).
+    dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     if varlen:
@@ -263,16 +317,26 @@ def attention_backward(
     dv = new_output(v.shape, v.dtype, v.device)
     t_max = max_seqlen if varlen else T
     s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
+    use_tma = tma_ok(q, k, v, do)
+    if use_tma:
+        set_descriptor_allocator()
     meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
     dkdv_args = (q, k, v, do, dk, dv, seq, bias_B, -scale * LOG2E, scale, *s_in)
     dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), t_max, HK)
     dq_args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
-    if INTERPRET:
-        _dkdv_kernel[(triton.cdiv(t_max, 16), B * HK)](*dkdv_args, **meta, BLOCK_M=16, BLOCK_N=16)
-        _dq_kernel[(triton.cdiv(t_max, 16), B * H)](*dq_args, **meta, BLOCK_M=16, BLOCK_N=16)
-    else:
-        _dkdv_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_N"]), B * HK)](*dkdv_args, **meta)
-        _dq_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*dq_args, **meta)
+    fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
+    for kernel, tuned, args, cfg, heads, blk in (
+        (_dkdv_kernel, _dkdv_tuned, dkdv_args, dkdv_config or fixed, HK, "BLOCK_N"),
+        (_dq_kernel, _dq_tuned, dq_args, dq_config or fixed, H, "BLOCK_M"),
+    ):
+        if cfg is not None:
+            cfg = dict(cfg)
+            tma = use_tma and cfg.pop("USE_TMA", True)
+            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, USE_TMA=tma)
+        else:
+            tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](
+                *args, **meta, USE_TMA=use_tma
+            )
     if varlen:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv

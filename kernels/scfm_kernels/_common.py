@@ -36,3 +36,23 @@ def dot_mode(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 1
     return 2 if INTERPRET else 0
+
+
+def tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether the kernels may read these [.., T, H, D] tensors through tensor descriptors (TMA): 16-bit
+    dtype, 16-byte aligned base and strides, last dim contiguous. Otherwise they use pointer loads."""
+    for t in ts:
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return False
+    return INTERPRET or (ts[0].is_cuda and torch.cuda.get_device_capability(ts[0].device)[0] >= 9)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def set_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need a small global scratch buffer per launch (Triton's allocator)."""
+    triton.set_allocator(_scratch)

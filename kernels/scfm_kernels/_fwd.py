@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output, set_descriptor_allocator, tma_ok
 
 LOG2E = 1.4426950408889634
 
@@ -89,6 +89,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    USE_TMA: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -106,35 +107,54 @@ def _fwd_kernel(
 
     q_ptrs = Q + b * stride_qb + start * stride_qt + h * stride_qh
     q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :]
-    k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
-    k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
-    v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
 
     q = tl.load(q_ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # A query block past the sequence's end loads no keys; it only writes zeros (padded layout).
     n_keys = tl.where(pid_m * BLOCK_M < n, n, 0)
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        if HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=mask_d[None, :], other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_MODE)
-        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
-        acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
-    if n_full < n_keys:
-        col_ok = (n_full + offs_n) < n_keys
-        k = tl.load(k_ptrs + n_full * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs + n_full * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_MODE)
-        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
-        p = tl.where(col_ok[None, :], p, 0.0)
-        acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+    if USE_TMA:
+        # Tensor-memory-accelerator loads through descriptors bounded to this sequence's n keys: rows past n
+        # (and head-dim columns past D) arrive as zeros, so v's zero rows cancel whatever p is there and
+        # no block needs a mask.
+        k_desc = tl.make_tensor_descriptor(
+            K + b * stride_kb + start * stride_kt + hk * stride_kh,
+            shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D],
+        )  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(
+            V + b * stride_vb + start * stride_vt + hk * stride_vh,
+            shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
+        )  # fmt: skip
+        for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            s = mma(q, tl.trans(k), None, DOT_MODE)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+            acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+    else:
+        k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
+        k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + b * stride_vb + start * stride_vt + hk * stride_vh
+        v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :]
+        n_full = (n_keys // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            if HEAD_DIM == BLOCK_D:
+                k = tl.load(k_ptrs + start_n * stride_kt)
+                v = tl.load(v_ptrs + start_n * stride_vt)
+            else:
+                k = tl.load(k_ptrs + start_n * stride_kt, mask=mask_d[None, :], other=0.0)
+                v = tl.load(v_ptrs + start_n * stride_vt, mask=mask_d[None, :], other=0.0)
+            s = mma(q, tl.trans(k), None, DOT_MODE)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+            acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+        if n_full < n_keys:
+            col_ok = (n_full + offs_n) < n_keys
+            k = tl.load(k_ptrs + n_full * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs + n_full * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
+            s = mma(q, tl.trans(k), None, DOT_MODE)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+            p = tl.where(col_ok[None, :], p, 0.0)
+            acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
 
     acc = tl.where(row_ok[:, None], acc, 0.0)
     o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
@@ -164,7 +184,7 @@ _fwd_tuned = (
     if INTERPRET
     else triton.autotune(
         configs=_fwd_configs(),
-        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID"],
+        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(_fwd_kernel)
 )
@@ -180,9 +200,13 @@ def attention_forward(
     varlen: bool,
     max_seqlen: int,
     fast_sigmoid: bool = False,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Launches the forward kernel. Padded: q [B, T, H, D], seq = seq_lens [B]. Packed: q [N, H, D],
-    seq = cu_seqlens [B + 1]. bias_B float32 [B]. Returns o with q's shape."""
+    seq = cu_seqlens [B + 1]. bias_B float32 [B]. Returns o with q's shape.
+
+    config (benchmarks): a fixed launch instead of the autotuner, e.g. dict(BLOCK_M=128, BLOCK_N=128,
+    num_warps=8, num_stages=3, USE_TMA=True, WS=False); USE_TMA falls back to pointers where not allowed."""
     if varlen:
         q, k, v = q[None], k[None], v[None]
         B = seq.numel() - 1
@@ -200,11 +224,19 @@ def attention_forward(
         VARLEN=varlen,
         DOT_MODE=dot_mode(q.dtype),
         FAST_SIGMOID=fast_sigmoid,
+        USE_TMA=tma_ok(q, k, v),
     )
-    if INTERPRET:
-        _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+    if meta["USE_TMA"]:
+        set_descriptor_allocator()
+    if config is not None:
+        config = dict(config)
+        meta["USE_TMA"] = meta["USE_TMA"] and config.pop("USE_TMA", True)
+        meta["WS"] = config.pop("WS", False)
+        _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **meta, **config)
+    elif INTERPRET:
+        _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, WS=False, BLOCK_M=16, BLOCK_N=16)
     else:
-        _fwd_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*args, **meta)
+        _fwd_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*args, **meta, WS=False)
     return o[0] if varlen else o
 
 

@@ -1,0 +1,147 @@
+"""Variant sweep on the device: correctness of each launch config against a float64 oracle (padded batch),
+then do_bench medians side by side. `python tests/gpu/sweep_kernels.py` (needs a CUDA GPU); writes
+$OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
+
+Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
+(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+import scfm_kernels as sk
+from scfm_kernels import _common
+from scfm_kernels._bwd import attention_backward
+from scfm_kernels._fwd import attention_forward
+
+
+def C(bm, bn, w, s, tma=True, ws=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws)
+
+
+FWD = {
+    "ptr 128x128 w8 s3": C(128, 128, 8, 3, tma=False),
+    "tma 128x128 w8 s3": C(128, 128, 8, 3),
+    "tma 128x128 w8 s2": C(128, 128, 8, 2),
+    "tma 128x64 w4 s3": C(128, 64, 4, 3),
+    "tma 128x128 w8 s3 ws": C(128, 128, 8, 3, ws=True),
+}
+DKDV = {  # BLOCK_M queries x BLOCK_N keys
+    "ptr 64x128 w8 s3": C(64, 128, 8, 3, tma=False),
+    "tma 64x128 w8 s3": C(64, 128, 8, 3),
+    "tma 64x128 w8 s2": C(64, 128, 8, 2),
+    "tma 128x128 w8 s2": C(128, 128, 8, 2),
+}
+DQ = {
+    "ptr 128x32 w8 s2": C(128, 32, 8, 2, tma=False),
+    "tma 128x32 w8 s2": C(128, 32, 8, 2),
+    "tma 128x64 w8 s2": C(128, 64, 8, 2),
+    "tma 128x128 w8 s2": C(128, 128, 8, 2),
+}
+
+
+K0, DQ0 = "ptr 64x128 w8 s3", "ptr 128x32 w8 s2"  # the other kernel's launch while one is varied
+SMOKE = os.environ.get("SWEEP_SMOKE") == "1"  # CPU interpreter dry run of this script at tiny sizes
+DEV = "cpu" if SMOKE else "cuda"
+
+
+def _bench(fn) -> float:
+    if SMOKE:
+        fn()
+        return 1.0
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _time_shape(times, checks, label, B, T, H, D, pad, scale) -> None:
+    q, k, v, go = (torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    lens = torch.randint(round(T * (1 - pad)), T + 1, (B,), device=DEV, dtype=torch.int32)
+    if pad == 0:
+        lens.fill_(T)
+    bias = -torch.log(lens.float())
+    flops = sum(4.0 * H * D * n * n for n in lens.tolist())
+    for name, cfg in FWD.items():
+        if isinstance(checks.get(f"fwd {name}"), list):
+            ms = _bench(lambda cfg=cfg: attention_forward(q, k, v, lens, bias, scale, False, T, config=cfg))
+            times[f"{label} fwd {name}"] = flops / ms / 1e9
+    if label != "pad4k":
+        for kind, table in (("dkdv", DKDV), ("dq", DQ)):
+            for name, cfg in table.items():
+                if not isinstance(checks.get(f"{kind} {name}"), list):
+                    continue
+                if kind == "dkdv":
+                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0])
+                else:
+                    kw = dict(dkdv_config=DKDV[K0], dq_config=cfg)
+                ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
+                times[f"{label} bwd[{kind} varied] {name}"] = 2.5 * flops / ms / 1e9
+    for key, val in times.items():
+        if key.startswith(label):
+            print(f"{key}: {val:.0f} TFLOPS", flush=True)
+
+
+def main() -> None:
+    out_dir = os.environ.get("OUT", ".")
+    res: dict[str, object] = {"device": "cpu" if SMOKE else torch.cuda.get_device_name()}
+    torch.manual_seed(0)
+    _common.POISON_OUTPUTS = True  # unwritten elements come out NaN
+    # (a) correctness, B=2, T=4096, H=16, D=128, bf16, second sequence padded.
+    B, T, H, D = (2, 160, 2, 128) if SMOKE else (2, 4096, 16, 128)
+    lens = torch.tensor([T, 101 if SMOKE else 2501], device=DEV, dtype=torch.int32)
+    q, k, v = (torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    go = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_reference(q64, k64, v64, lens)
+    refs = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
+    del q64, k64, v64
+    bias = -torch.log(lens.float())
+    scale = D**-0.5
+
+    def err(a, r):
+        if torch.isnan(a).any():
+            return float("nan")
+        return ((a.double() - r).norm() / r.norm()).item()
+
+    checks = {}
+    for kind, table in (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ)):
+        for name, cfg in table.items():
+            try:
+                if kind == "fwd":
+                    o = attention_forward(q, k, v, lens, bias, scale, False, T, config=cfg)
+                    e = [err(o, refs[0])]
+                    e.append(max(o[b, n:].abs().max().item() if n < T else 0.0 for b, n in enumerate(lens.tolist())))
+                else:
+                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0])
+                    if kind == "dq":
+                        kw = dict(dkdv_config=DKDV[K0], dq_config=cfg)
+                    dq, dk, dv = attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw)
+                    e = [err(dq, refs[1]), err(dk, refs[2]), err(dv, refs[3])]
+                checks[f"{kind} {name}"] = e
+            except Exception as exc:
+                checks[f"{kind} {name}"] = f"FAILED {type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc()
+            print(f"check {kind} {name}: {checks[f'{kind} {name}']}", flush=True)
+    res["checks"] = checks
+    del refs
+
+    # (b) timing: dense B=2, T=8192 and padded p=0.5 B=4, T=4096 (lengths in [T/2, T]).
+    times: dict[str, float] = {}
+    shapes = (("dense8k", 2, 8192, 0.0), ("pad4k", 4, 4096, 0.5))
+    for label, B, T, pad in shapes[:1] if SMOKE else shapes:
+        _time_shape(times, checks, label, B, 160 if SMOKE else T, H, D, pad, scale)
+        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+            json.dump({**res, "tflops": times}, f, indent=1)
+    res["tflops"] = times
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\nTFLOPS (bwd rows: one kernel varied, the other fixed at the tma default)")
+    for key, val in times.items():
+        print(f"{val:6.0f}  {key}")
+
+
+if __name__ == "__main__":
+    main()
