@@ -253,16 +253,21 @@ def _dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & mask_d[None, :])
 
 
-def _bwd_configs() -> list[triton.Config]:
+def _dkdv_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    ]
+
+
+def _dq_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
 
 
@@ -277,14 +282,14 @@ _BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA"]
 _dkdv_tuned = (
     None
     if INTERPRET
-    else triton.autotune(_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(
+    else triton.autotune(_dkdv_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(
         _dkdv_kernel
     )
 )
 _dq_tuned = (
     None
     if INTERPRET
-    else triton.autotune(_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_dq_kernel)
+    else triton.autotune(_dq_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_dq_kernel)
 )
 
 
@@ -332,6 +337,7 @@ def attention_backward(
         if cfg is not None:
             cfg = dict(cfg)
             tma = use_tma and cfg.pop("USE_TMA", True)
+            cfg.pop("WS", None)  # forward-only option
             kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, USE_TMA=tma)
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](

@@ -107,7 +107,8 @@ def main() -> None:
         return ((a.double() - r).norm() / r.norm()).item()
 
     checks = {}
-    for kind, table in (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ)):
+    kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ))
+    for kind, table in kinds[1:] if os.environ.get("SWEEP_ONLY") == "bwd" else kinds:
         for name, cfg in table.items():
             try:
                 if kind == "fwd":
@@ -131,6 +132,8 @@ def main() -> None:
     # (b) timing: dense B=2, T=8192 and padded p=0.5 B=4, T=4096 (lengths in [T/2, T]).
     times: dict[str, float] = {}
     shapes = (("dense8k", 2, 8192, 0.0), ("pad4k", 4, 4096, 0.5))
+    if os.environ.get("SWEEP_ONLY") == "bwd":
+        shapes = shapes[:1]
     for label, B, T, pad in shapes[:1] if SMOKE else shapes:
         _time_shape(times, checks, label, B, 160 if SMOKE else T, H, D, pad, scale)
         with open(os.path.join(out_dir, "sweep.json"), "w") as f:
