@@ -25,6 +25,9 @@ class DataConfig:
     mask_ratio: float = 0.15  # fraction of a cell's gene tokens masked for the objective
     seed: int = 0  # seeds the per-epoch global shuffle and the masking
     val_fraction: float = 0.02  # held-out cells (by soma_joinid hash) for validation loss
-    shuffle_block_cells: int = 4096  # cells read together; the global shuffle permutes whole blocks then cells
-    bucket_window_batches: int = 64  # batches' worth of cells sorted by length together (length bucketing)
-    read_workers: int = 2  # Ray Data read/tokenize parallelism
+    shuffle_block_cells: int = 4096  # consecutive soma_joinids read together; the shuffle permutes blocks, then cells
+    bucket_window_batches: int = 64  # max steps per Ray Data read task (which otherwise spans ~one shuffle block)
+    read_workers: int = 2  # Ray Data read/tokenize parallelism (concurrent read tasks; tokenizer actor pool size)
+    bucket_ratio: float = 1.05  # length-bucket edges grow by this factor: padding < 1 - 1/ratio of a batch
+    engine: str = "ray"  # ray (the Ray Data pipeline; training) | local (same read/tokenize code in-process)
+    task_cpus: float = 0.1  # CPUs each Ray Data read task / tokenizer actor reserves (shares nodes with trainers)

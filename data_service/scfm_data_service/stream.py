@@ -1,0 +1,304 @@
+"""`iter_batches`: the batches one training rank gets, per the contract in schema.py.
+
+Pipeline (engine="ray", the training path): the epoch plan (shuffle.py) gives this rank's steps; consecutive
+steps form read units; a Ray Data Datasource reads each unit (atlas X rows by soma_joinid, or the zarr token
+cache), `map_batches` tokenizes on an actor pool (atlas path only), and the consumer pads each step's cells into
+[B, T] tensors and draws the masking targets. Inside a Ray Train worker the running Ray is used; standalone, a
+local Ray is started. engine="local" runs the same read and tokenize code in-process (notebooks, quick checks).
+
+Masking is a pure function of (seed, epoch, soma_joinid, position): the same cell gets the same mask in an epoch
+whatever batch, rank or engine delivers it; val uses a fixed epoch so its masks never change.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from scfm_data_service import schema as S
+from scfm_data_service.bucketing import bucket_batch_cells, bucket_edges
+from scfm_data_service.config import DataConfig
+from scfm_data_service.datasource import AtlasReader, Tokenizer, Unit, ZarrReader, _csr, plan_datasource
+from scfm_data_service.errors import DataError
+from scfm_data_service.shuffle import EpochPlan, is_val, make_plan, splitmix64
+from scfm_data_service.tokenize import TOKENIZERS, token_lengths
+
+SPLITS = ("train", "val")
+ENGINES = ("ray", "local")
+VAL_EPOCH = 0xFFFFFFFF
+
+
+@dataclass
+class StreamState:
+    """Where a rank's stream stands: resume with iter_batches(..., epoch=epoch, start_step=step)."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamState:
+        return cls(epoch=int(d["epoch"]), step=int(d["step"]))
+
+
+@dataclass(frozen=True)
+class Cells:
+    """What the plan needs to know about the atlas (or token cache): every cell and its token length."""
+
+    joinids: np.ndarray  # int64 [N] sorted
+    lengths: np.ndarray  # int64 [N] tokens incl. CLS, truncated to max_len
+    n_genes: int
+    gene_median: np.ndarray | None  # float32 [n_genes]; None when reading the token cache
+
+
+def _check(cfg: DataConfig) -> None:
+    if cfg.tokenizer not in TOKENIZERS:
+        raise DataError(f"data.tokenizer={cfg.tokenizer!r} is not a tokenizer; allowed: {', '.join(TOKENIZERS)}")
+    if cfg.engine not in ENGINES:
+        raise DataError(f"data.engine={cfg.engine!r} is not an engine; allowed: {', '.join(ENGINES)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if not 0.0 <= cfg.mask_ratio <= 1.0:
+        raise DataError(f"data.mask_ratio={cfg.mask_ratio} must be in [0, 1]")
+
+
+@functools.lru_cache(maxsize=8)
+def _atlas_cells(uri: str, n_cells: int, max_len: int) -> Cells:
+    from scfm_data_service.atlas import cell_nnz, read_meta
+
+    meta = read_meta(uri)
+    joinids, nnz = cell_nnz(uri)
+    return Cells(joinids, token_lengths(nnz, max_len), meta["n_genes"], meta["gene_median"])
+
+
+def _cells(cfg: DataConfig) -> Cells:
+    _check(cfg)
+    if cfg.tokens:
+        from scfm_data_service.cache import cache_cells
+
+        return cache_cells(cfg)
+    from scfm_data_service.atlas import read_meta
+
+    return _atlas_cells(cfg.atlas, read_meta(cfg.atlas)["n_cells"], cfg.max_len)
+
+
+_PLANS: dict[tuple, EpochPlan] = {}
+
+
+def as_config(cfg) -> DataConfig:
+    """A DataConfig from a DataConfig or an OmegaConf node of one (the `data` section of a run config)."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
+
+
+def epoch_plan(cfg: DataConfig, *, epoch: int, world_size: int, split: str = "train") -> EpochPlan:
+    """The plan all ranks share for this epoch (deterministic in cfg, epoch, world_size)."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
+    cfg = as_config(cfg)
+    cells = _cells(cfg)
+    key = (id(cells), tuple(sorted(asdict(cfg).items())), split, epoch if split == "train" else 0, world_size)
+    if key not in _PLANS:
+        held = is_val(cells.joinids, cfg.val_fraction)
+        keep = held if split == "val" else ~held
+        if len(_PLANS) > 16:
+            _PLANS.clear()
+        _PLANS[key] = make_plan(
+            cells.joinids[keep],
+            cells.lengths[keep],
+            max_len=cfg.max_len,
+            tokens_per_batch=cfg.tokens_per_batch,
+            max_cells=cfg.max_cells_per_batch,
+            bucket_ratio=cfg.bucket_ratio,
+            block=cfg.shuffle_block_cells,
+            seed=cfg.seed,
+            epoch=epoch if split == "train" else 0,
+            world_size=world_size,
+            shuffle=split == "train",
+        )
+    return _PLANS[key]
+
+
+def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
+    """Train steps every rank runs per epoch (the same for every epoch)."""
+    cfg = as_config(cfg)
+    cells = _cells(cfg)
+    keep = ~is_val(cells.joinids, cfg.val_fraction)
+    edges = bucket_edges(cfg.max_len, cfg.bucket_ratio)
+    size = bucket_batch_cells(edges, cfg.tokens_per_batch, cfg.max_cells_per_batch)
+    counts = np.bincount(np.searchsorted(edges, cells.lengths[keep]), minlength=len(edges))
+    n_batches = int((-(-counts // size)).sum())
+    steps = -(-n_batches // world_size)
+    if steps * world_size > int(keep.sum()):
+        raise DataError(f"{int(keep.sum())} train cells cannot be spread over world_size={world_size} ranks")
+    return steps
+
+
+def vocab_size(cfg: DataConfig) -> int:
+    """Token ids the model embeds: N_SPECIAL + genes of the atlas vocabulary."""
+    cfg = as_config(cfg)
+    return S.N_SPECIAL + _cells(cfg).n_genes
+
+
+# ---------------------------------------------------------------- collation and masking
+
+
+def mask_positions(
+    joinids: np.ndarray, seq_lens: np.ndarray, t: int, *, ratio: float, seed: int, epoch: int
+) -> np.ndarray:
+    """bool [B, T]: round(ratio × genes) positions per cell (≥ 1 if ratio > 0), never CLS or padding."""
+    pos = np.arange(t, dtype=np.uint64)
+    key = splitmix64(splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ np.uint64(epoch & 0xFFFFFFFF)))
+    cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
+    u = splitmix64(cell[:, None] ^ (pos[None, :] * np.uint64(0xD1B54A32D192ED03)))
+    valid = (pos[None, :] >= 1) & (pos[None, :] < seq_lens[:, None].astype(np.uint64))
+    n_genes = seq_lens.astype(np.int64) - 1
+    k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0) if ratio > 0 else np.zeros_like(n_genes)
+    u = np.where(valid, u, np.uint64(0xFFFFFFFFFFFFFFFF))
+    rank = np.argsort(np.argsort(u, axis=1, kind="stable"), axis=1, kind="stable")
+    return valid & (rank < k[:, None])
+
+
+def collate(tbl: pa.Table, cfg: DataConfig, mask_epoch: int) -> dict[str, torch.Tensor]:
+    """One step's token table (rows = cells) → the padded batch dict of schema.py."""
+    off, tok = _csr(tbl["tokens"])
+    _, val = _csr(tbl["values"])
+    joinids = tbl["soma_joinid"].to_numpy()
+    lens = np.diff(off)
+    b, t = len(lens), int(lens.max())
+    rows = np.repeat(np.arange(b), lens)
+    cols = np.arange(len(tok)) - off[rows]
+    tgt_ids = np.full((b, t), S.PAD_ID, dtype=np.int64)
+    tgt_val = np.zeros((b, t), dtype=np.float32)
+    tgt_ids[rows, cols] = tok
+    tgt_val[rows, cols] = val
+    mask = mask_positions(joinids, lens, t, ratio=cfg.mask_ratio, seed=cfg.seed, epoch=mask_epoch)
+    return {
+        S.GENE_IDS: torch.from_numpy(np.where(mask, S.MASK_ID, tgt_ids)),
+        S.VALUES: torch.from_numpy(np.where(mask, np.float32(0), tgt_val)),
+        S.SEQ_LENS: torch.from_numpy(lens.astype(np.int32)),
+        S.SOMA_JOINID: torch.from_numpy(joinids.astype(np.int64)),
+        S.MASK: torch.from_numpy(mask),
+        S.TARGET_GENE_IDS: torch.from_numpy(tgt_ids),
+        S.TARGET_VALUES: torch.from_numpy(tgt_val),
+    }
+
+
+# ---------------------------------------------------------------- the stream
+
+
+def _units(plan: EpochPlan, rank: int, start_step: int, steps_per_unit: int) -> list[Unit]:
+    units = []
+    for a in range(start_step, plan.steps, steps_per_unit):
+        steps = range(a, min(a + steps_per_unit, plan.steps))
+        cells = [plan.batch(rank, s) for s in steps]
+        units.append(Unit(np.concatenate(cells), np.repeat(np.asarray(steps), [len(c) for c in cells])))
+    return units
+
+
+def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer | None) -> Iterator[pa.Table]:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_datasource(
+        plan_datasource(units, reader),
+        override_num_blocks=len(units),
+        concurrency=max(1, cfg.read_workers),
+        num_cpus=cfg.task_cpus,
+    )
+    if tokenizer is not None:
+        ds = ds.map_batches(
+            Tokenizer,
+            fn_constructor_args=(tokenizer.kind, tokenizer.max_len, tokenizer.n_bins, tokenizer.gene_median),
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.read_workers)),
+            num_cpus=cfg.task_cpus,
+        )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+
+
+def iter_batches(
+    cfg: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    start_step: int = 0,
+    split: str = "train",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield this rank's batches of the epoch from `start_step` on (schema.py); train: steps_per_epoch of them."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+    cfg = as_config(cfg)
+    plan = epoch_plan(cfg, epoch=epoch, world_size=world_size, split=split)
+    if not 0 <= start_step <= plan.steps:
+        raise DataError(f"start_step={start_step} must be in [0, {plan.steps}] (steps per epoch)")
+    cells = _cells(cfg)
+    # a read unit covers about one shuffle block of the permutation (this rank's share of it)
+    cells_per_step = max(1.0, len(plan.cells) / max(1, plan.n_batches)) * world_size
+    per_unit = min(max(1, cfg.bucket_window_batches), max(1, round(cfg.shuffle_block_cells / cells_per_step)))
+    units = _units(plan, rank, start_step, per_unit)
+    if not units:
+        return
+    if cfg.tokens:
+        reader, tokenizer = ZarrReader(cfg.tokens), None
+    else:
+        reader = AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)
+        tokenizer = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, cells.gene_median)
+    if cfg.engine == "ray":
+        tables = _ray_tables(cfg, units, reader, tokenizer)
+    else:
+        tables = (tokenizer(reader.read(u)) if tokenizer else reader.read(u) for u in units)
+    mask_epoch = epoch if split == "train" else VAL_EPOCH
+    pending: list[pa.Table] = []
+    step = start_step
+    want = plan.offsets[plan.batch_index(rank, step) + 1] - plan.offsets[plan.batch_index(rank, step)]
+    have = 0
+    for tbl in tables:
+        while tbl.num_rows:
+            take = min(tbl.num_rows, want - have)
+            pending.append(tbl.slice(0, take))
+            tbl = tbl.slice(take)
+            have += take
+            if have == want:
+                yield collate(pa.concat_tables(pending), cfg, mask_epoch)
+                pending, have, step = [], 0, step + 1
+                if step < plan.steps:
+                    j = plan.batch_index(rank, step)
+                    want = plan.offsets[j + 1] - plan.offsets[j]
+    if step != plan.steps:
+        raise RuntimeError(f"stream ended at step {step} of {plan.steps} (rank {rank})")
+
+
+def iter_train_batches(
+    cfg: DataConfig, *, epoch: int, start_step: int = 0, split: str = "train"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """iter_batches for the calling Ray Train worker (rank and world size from the Ray Train context)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return iter_batches(
+        cfg,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        epoch=epoch,
+        start_step=start_step,
+        split=split,
+    )

@@ -1,0 +1,101 @@
+"""Tokenizers: raw counts of a group of cells (CSR) → ragged token ids and values, CLS first.
+
+Both take cell rows as CSR (indptr int64 [N+1], genes int64 [nnz] = atlas gene index, counts float [nnz]) and
+return CSR-like (offsets int64 [N+1], tokens int32 [M], values float32 [M]). Token id of gene g = N_SPECIAL + g.
+Each cell becomes [CLS, gene tokens...] with at most max_len tokens in all.
+
+- rank (Geneformer rank-value): expressed genes ordered by count / cell total / gene's non-zero median over the
+  atlas, highest first (ties: lower gene id first), truncated to max_len - 1 genes. Values are 0.
+- binned (scGPT binned-value): each expressed gene's count is binned per cell into n_bins - 1 equal-frequency
+  bins, bin = 1 + floor((n_bins - 1) * r / n) where n is the cell's expressed-gene count and r the number of
+  its values strictly below this one (equal counts share a bin; 0 is reserved for "not expressed"). If a cell
+  has more than max_len - 1 expressed genes, the highest counts are kept (ties: lower gene id). Tokens are in
+  gene-id order; values are the bins (float).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scfm_data_service.errors import DataError
+from scfm_data_service.schema import CLS_ID, N_SPECIAL
+
+TOKENIZERS = ("rank", "binned")
+
+
+def _rows(indptr: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+
+
+def _with_cls(indptr, sel_rows, tokens, values, n_cells) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Insert CLS (value 0) before each cell's tokens; tokens/values are grouped by row in sel_rows."""
+    per_cell = np.bincount(sel_rows, minlength=n_cells) + 1
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(per_cell, out=offsets[1:])
+    out_t = np.full(offsets[-1], CLS_ID, dtype=np.int32)
+    out_v = np.zeros(offsets[-1], dtype=np.float32)
+    # position of each kept token: its cell's start + 1 + index within the cell
+    starts = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(per_cell - 1, out=starts[1:])
+    within = np.arange(len(sel_rows)) - starts[sel_rows]
+    pos = offsets[sel_rows] + 1 + within
+    out_t[pos] = tokens
+    out_v[pos] = values
+    return offsets, out_t, out_v
+
+
+def tokenize(
+    indptr: np.ndarray,
+    genes: np.ndarray,
+    counts: np.ndarray,
+    *,
+    kind: str,
+    max_len: int,
+    n_bins: int = 51,
+    gene_median: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize N cells given as CSR; returns (offsets int64 [N+1], tokens int32 [M], values float32 [M])."""
+    if kind not in TOKENIZERS:
+        raise DataError(f"data.tokenizer={kind!r} is not a tokenizer; allowed: {', '.join(TOKENIZERS)}")
+    if max_len < 2:
+        raise DataError(f"data.max_len={max_len} leaves no room for genes after CLS; use max_len ≥ 2")
+    n_cells = len(indptr) - 1
+    genes = np.asarray(genes, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float64)
+    rows = _rows(indptr)
+    keep_genes = max_len - 1
+    if kind == "rank":
+        if gene_median is None:
+            raise DataError("rank tokenizer needs the atlas gene medians (ingest computes them)")
+        total = np.bincount(rows, weights=counts, minlength=n_cells)
+        score = counts / np.maximum(total[rows], 1e-12) / gene_median[genes].astype(np.float64)
+        order = np.lexsort((genes, -score, rows))
+        within = np.arange(len(order)) - indptr[rows[order]]
+        sel = order[within < keep_genes]
+        return _with_cls(indptr, rows[sel], (genes[sel] + N_SPECIAL).astype(np.int32), 0.0, n_cells)
+
+    if n_bins < 2:
+        raise DataError(f"data.n_bins={n_bins} is too small; the binned tokenizer needs n_bins ≥ 2")
+    # equal-frequency bins from each value's strict rank within its cell
+    asc = np.lexsort((counts, rows))
+    c_sorted, r_sorted = counts[asc], rows[asc]
+    new_group = np.ones(len(asc), dtype=bool)
+    new_group[1:] = (c_sorted[1:] != c_sorted[:-1]) | (r_sorted[1:] != r_sorted[:-1])
+    first_idx = np.maximum.accumulate(np.where(new_group, np.arange(len(asc)), 0))
+    strict_rank = np.empty(len(asc), dtype=np.int64)
+    strict_rank[asc] = first_idx - indptr[r_sorted]
+    n_row = np.diff(indptr)[rows]
+    bins = 1 + ((n_bins - 1) * strict_rank) // np.maximum(n_row, 1)
+    # keep the top max_len-1 counts per cell, then emit in gene order
+    desc = np.lexsort((genes, -counts, rows))
+    within = np.arange(len(desc)) - indptr[rows[desc]]
+    sel = desc[within < keep_genes]
+    sel = sel[np.lexsort((genes[sel], rows[sel]))]
+    return _with_cls(
+        indptr, rows[sel], (genes[sel] + N_SPECIAL).astype(np.int32), bins[sel].astype(np.float32), n_cells
+    )
+
+
+def token_lengths(nnz: np.ndarray, max_len: int) -> np.ndarray:
+    """int64 [N]: tokens per cell (CLS included) for cells with `nnz` expressed genes."""
+    return 1 + np.minimum(np.asarray(nnz, dtype=np.int64), max_len - 1)
