@@ -166,7 +166,8 @@ def _fwd_kernel(
 def _fwd_configs() -> list[triton.Config]:
     # Sweep of 2026-11-29 (tests/gpu/sweep_kernels.py, H200, D=128, L=8K dense / 4K p=0.5, TFLOPS):
     # descriptors 128x128 w8 s3 502 / 417, + warp specialization 500 / 440, 128x64 w4 s3 483 / 426,
-    # pointer loads 128x128 w8 s3 472 / 408, descriptors 128x128 w8 s2 444 / 366.
+    # pointer loads 128x128 w8 s3 472 / 408, descriptors 128x128 w8 s2 444 / 366. The bench's autotuner
+    # picked the warp-specialized one at D=128 and 128x64 w4 s3 at D=64 (docs/benchmarks.md, run 6).
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": True}, num_warps=8, num_stages=3),

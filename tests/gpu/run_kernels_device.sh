@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU correctness tests and the kernel benchmark in one go, on the device machine, from the repo root.
-# Expects TritonSigmoid as a wheel under .whl/ (optional); logs and bench.json go to $OUT (or ./out).
+# Expects TritonSigmoid as a wheel under .whl/ (optional; .whl/ is git-ignored, so the device call must name
+# ".whl" in its carry list or the TS columns stay empty); logs and bench.json go to $OUT (or ./out).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
