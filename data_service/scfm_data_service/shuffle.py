@@ -11,7 +11,7 @@ Every rank computes the same plan independently from (cells, lengths, config, ep
    two (adjacent halves) until it is. Nothing is dropped or repeated.
 5. Batch j goes to rank j % world_size as its step j // world_size: all ranks run the same number of steps.
 
-The val split uses the identity order (no shuffle).
+The val and all splits use the identity order (no shuffle).
 """
 
 from __future__ import annotations

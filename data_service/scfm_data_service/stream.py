@@ -28,7 +28,7 @@ from scfm_data_service.errors import DataError
 from scfm_data_service.shuffle import EpochPlan, is_val, make_plan, splitmix64
 from scfm_data_service.tokenize import TOKENIZERS, token_lengths
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "all")  # all: every cell once (train + val), unshuffled, e.g. for embeddings
 ENGINES = ("ray", "local")
 VAL_EPOCH = 0xFFFFFFFF
 
@@ -111,7 +111,7 @@ def epoch_plan(cfg: DataConfig, *, epoch: int, world_size: int, split: str = "tr
     key = (id(cells), tuple(sorted(asdict(cfg).items())), split, epoch if split == "train" else 0, world_size)
     if key not in _PLANS:
         held = is_val(cells.joinids, cfg.val_fraction)
-        keep = held if split == "val" else ~held
+        keep = {"val": held, "train": ~held, "all": np.ones_like(held)}[split]
         if len(_PLANS) > 16:
             _PLANS.clear()
         _PLANS[key] = make_plan(

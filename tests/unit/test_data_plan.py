@@ -1,0 +1,102 @@
+"""The epoch plan: exactly once, equal steps, token budget, per-epoch order, splitting for uneven counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scfm_data_service import DataError
+from scfm_data_service.bucketing import assign_buckets, bucket_batch_cells, bucket_edges
+from scfm_data_service.shuffle import block_permutation, is_val, make_plan
+
+
+def _plan(n, world, epoch=0, seed=0, budget=1024, max_len=256, lengths=None, **kw):
+    rng = np.random.default_rng(n)
+    joinids = np.arange(n, dtype=np.int64) * 3 + 5  # not 0..n-1: the plan must not assume it
+    if lengths is None:
+        lengths = np.clip(rng.lognormal(4, 0.8, n).astype(np.int64), 1, max_len)
+    plan = make_plan(
+        joinids,
+        lengths,
+        max_len=max_len,
+        tokens_per_batch=budget,
+        max_cells=kw.pop("max_cells", 64),
+        bucket_ratio=1.05,
+        block=kw.pop("block", 100),
+        seed=seed,
+        epoch=epoch,
+        world_size=world,
+        **kw,
+    )
+    return joinids, dict(zip(joinids, lengths, strict=True)), plan
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), world=st.integers(1, 9), epoch=st.integers(0, 5))
+def test_every_cell_exactly_once_equal_steps_within_budget(n, world, epoch):
+    lengths = np.clip(np.random.default_rng(n).lognormal(4, 0.8, n).astype(np.int64), 1, 256)
+    edges = bucket_edges(256, 1.05)
+    size = bucket_batch_cells(edges, 1024, 64)
+    n_batches = int((-(-np.bincount(assign_buckets(lengths, edges), minlength=len(edges)) // size)).sum())
+    steps = -(-n_batches // world)
+    if steps * world > n:  # fewer cells than batch slots: splitting cannot even out the ranks
+        with pytest.raises(DataError, match="world_size"):
+            _plan(n, world, epoch, lengths=lengths)
+        return
+    joinids, length, plan = _plan(n, world, epoch, lengths=lengths)
+    assert plan.steps == steps and plan.n_batches == steps * world
+    got = np.concatenate([plan.batch(r, s) for r in range(world) for s in range(plan.steps)])
+    assert len(got) == n and np.array_equal(np.sort(got), joinids)
+    for j in range(plan.n_batches):
+        cells = plan.cells[plan.offsets[j] : plan.offsets[j + 1]]
+        assert len(cells) >= 1
+        assert len(cells) * max(length[c] for c in cells) <= 1024
+
+
+def test_step_count_is_epoch_independent_and_order_differs():
+    _, _, p0 = _plan(5000, 4, epoch=0)
+    _, _, p1 = _plan(5000, 4, epoch=1)
+    _, _, p0b = _plan(5000, 4, epoch=0)
+    assert p0.steps == p1.steps
+    assert np.array_equal(p0.cells, p0b.cells)  # deterministic: every rank computes the same plan
+    assert not np.array_equal(p0.cells, p1.cells)
+    assert not np.array_equal(p0.batch(0, 0), p1.batch(0, 0))
+    # not a fixed per-rank slice: the cells a rank sees change between epochs
+    r0 = {int(c) for s in range(p0.steps) for c in p0.batch(0, s)}
+    r1 = {int(c) for s in range(p1.steps) for c in p1.batch(0, s)}
+    assert len(r0 & r1) < 0.5 * len(r0)
+
+
+def test_padding_is_small_with_buckets():
+    _, length, plan = _plan(20_000, 1, budget=16384, max_len=2048)
+    padded = real = 0
+    for j in range(plan.n_batches):
+        ls = [length[c] for c in plan.cells[plan.offsets[j] : plan.offsets[j + 1]]]
+        padded += len(ls) * max(ls)
+        real += sum(ls)
+    assert 1 - real / padded < 0.05
+
+
+def test_block_permutation_keeps_blocks_together():
+    perm = block_permutation(1000, 100, seed=3, epoch=2)
+    assert np.array_equal(np.sort(perm), np.arange(1000))
+    blocks = perm // 100
+    assert np.all(blocks.reshape(10, 100) == blocks.reshape(10, 100)[:, :1])  # each run of 100 = one block
+    assert not np.array_equal(perm, block_permutation(1000, 100, seed=3, epoch=3))
+
+
+def test_uneven_batch_counts_are_split_not_dropped():
+    # 3 cells of one length and budget for 3 per batch: 1 batch; world 3 → split into 3 single-cell batches
+    joinids, _, plan = _plan(3, 3, lengths=np.full(3, 10), budget=30, max_len=10)
+    assert plan.steps == 1
+    assert sorted(int(plan.batch(r, 0)[0]) for r in range(3)) == joinids.tolist()
+
+
+def test_val_split_is_a_stable_hash_fraction():
+    ids = np.arange(100_000)
+    v = is_val(ids, 0.02)
+    assert 0.015 < v.mean() < 0.025
+    assert np.array_equal(v, is_val(ids, 0.02))
+    assert not is_val(ids, 0.0).any()

@@ -1,0 +1,98 @@
+"""Tokenizers, gene medians and length buckets on hand-computed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scfm_data_service import CLS_ID, N_SPECIAL, DataError
+from scfm_data_service.bucketing import assign_buckets, bucket_batch_cells, bucket_edges
+from scfm_data_service.stats import nonzero_medians
+from scfm_data_service.tokenize import token_lengths, tokenize
+
+
+def _csr(cells: list[dict[int, float]]):
+    indptr = np.cumsum([0] + [len(c) for c in cells])
+    genes = np.array([g for c in cells for g in c], dtype=np.int64)
+    counts = np.array([v for c in cells for v in c.values()], dtype=np.float32)
+    return indptr, genes, counts
+
+
+def _cells(off, tok, val):
+    return [(tok[a:b].tolist(), val[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
+
+
+def test_rank_tokenizer_orders_by_count_over_gene_median():
+    # gene medians 1, 2, 10, 1; cell 0 counts 4, 6, 30, 1 → scores ∝ 4, 3, 3, 1 → genes 0, 1, 2 (tie: lower id), 3
+    median = np.array([1.0, 2.0, 10.0, 1.0], dtype=np.float32)
+    cells = [{0: 4, 1: 6, 2: 30, 3: 1}, {3: 5, 2: 10}, {}]
+    off, tok, val = tokenize(*_csr(cells), kind="rank", max_len=10, gene_median=median)
+    out = _cells(off, tok, val)
+    s = N_SPECIAL
+    assert out[0][0] == [CLS_ID, s + 0, s + 1, s + 2, s + 3]
+    assert out[1][0] == [CLS_ID, s + 3, s + 2]  # 5/1 > 10/10
+    assert out[2][0] == [CLS_ID]
+    assert all(v == 0 for _, vals in out for v in vals)
+
+
+def test_rank_tokenizer_truncates_to_max_len_keeping_top_genes():
+    median = np.ones(6, dtype=np.float32)
+    cells = [{0: 1, 1: 9, 2: 3, 3: 7, 4: 5, 5: 2}]
+    off, tok, _ = tokenize(*_csr(cells), kind="rank", max_len=4, gene_median=median)
+    assert tok.tolist() == [CLS_ID, N_SPECIAL + 1, N_SPECIAL + 3, N_SPECIAL + 4]
+    assert off.tolist() == [0, 4]
+
+
+def test_binned_tokenizer_equal_frequency_bins_in_gene_order():
+    # counts 5, 1, 3, 3 (n=4), n_bins=5: strict ranks 3, 0, 1, 1 → bins 1 + 4r/4 = 4, 1, 2, 2
+    cells = [{7: 5, 2: 1, 4: 3, 0: 3}, {1: 2}]
+    off, tok, val = tokenize(*_csr(cells), kind="binned", max_len=10, n_bins=5)
+    out = _cells(off, tok, val)
+    s = N_SPECIAL
+    assert out[0] == ([CLS_ID, s + 0, s + 2, s + 4, s + 7], [0.0, 2.0, 1.0, 2.0, 4.0])
+    assert out[1] == ([CLS_ID, s + 1], [0.0, 1.0])
+
+
+def test_binned_tokenizer_truncation_keeps_highest_counts_bins_from_all_genes():
+    # 6 genes, n_bins=4 → bins 1 + 3r/6; keep the top 3 counts (genes 1, 3, 4) with bins from all 6 values
+    cells = [{0: 1, 1: 9, 2: 3, 3: 7, 4: 5, 5: 2}]
+    off, tok, val = tokenize(*_csr(cells), kind="binned", max_len=4, n_bins=4)
+    s = N_SPECIAL
+    assert tok.tolist() == [CLS_ID, s + 1, s + 3, s + 4]
+    assert val.tolist() == [0.0, 1 + 3 * 5 // 6, 1 + 3 * 4 // 6, 1 + 3 * 3 // 6]
+
+
+def test_tokenizer_rejects_unknown_kind_and_tiny_max_len():
+    with pytest.raises(DataError, match="allowed: rank, binned"):
+        tokenize(*_csr([{0: 1}]), kind="bpe", max_len=8)
+    with pytest.raises(DataError, match="max_len"):
+        tokenize(*_csr([{0: 1}]), kind="binned", max_len=1)
+
+
+def test_token_lengths_include_cls_and_truncate():
+    assert token_lengths(np.array([0, 5, 300]), 256).tolist() == [1, 6, 256]
+
+
+def test_nonzero_medians_are_exact():
+    rng = np.random.default_rng(0)
+    n_genes = 50
+    g = rng.integers(0, n_genes - 1, 20_000)  # the last gene is never seen
+    v = np.exp(rng.normal(0, 3, len(g)))  # spans many histogram bins, incl. clipped ends
+    v[:500] = 1.0  # many equal values
+    chunks = lambda: iter([(g[:7000], v[:7000]), (g[7000:], v[7000:])])  # noqa: E731
+    med = nonzero_medians(chunks, n_genes)
+    want = [np.median(v[g == k]) for k in range(n_genes - 1)]
+    np.testing.assert_allclose(med[:-1], want, rtol=1e-6)
+    assert med[-1] == 1.0
+
+
+def test_bucket_edges_bound_padding_and_budget():
+    edges = bucket_edges(2048, 1.05)
+    assert edges[-1] == 2048 and np.all(np.diff(edges) > 0)
+    lo = np.concatenate([[0], edges[:-1]])
+    assert np.all((edges - lo - 1) / edges < 0.05 + 1e-9)  # a cell in bucket b has length > lo, ≤ edge
+    size = bucket_batch_cells(edges, 16384, 256)
+    assert np.all(size * edges <= 16384) and np.all(size >= 1) and size.max() == 256
+    assert assign_buckets(np.array([1, 8, 9, 2048]), edges).tolist()[:2] == [0, 7]
+    with pytest.raises(DataError, match="tokens_per_batch"):
+        bucket_batch_cells(edges, 1000, 8)
