@@ -81,7 +81,9 @@ def tree_digest(root: str | Path) -> dict[str, str]:
     """{relative path: sha1} of every file under root (to prove a directory is unchanged)."""
     root = Path(root)
     return {
-        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 

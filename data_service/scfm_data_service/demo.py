@@ -34,9 +34,13 @@ def pbmc_path() -> Path:
 
 def pbmc_source() -> Source:
     """The scanpy PBMC cells with recovered integer counts; cell_type from bulk_labels."""
+    import warnings
+
     import anndata
 
-    adata = anndata.read_h5ad(pbmc_path())
+    with warnings.catch_warnings():  # the shipped file predates current anndata encodings
+        warnings.simplefilter("ignore")
+        adata = anndata.read_h5ad(pbmc_path())
     x = sp.csr_matrix(adata.raw.X, dtype=np.float64)
     x.data = np.expm1(x.data)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
