@@ -145,9 +145,9 @@ def test_zarr_token_cache_gives_the_same_batches(demo_atlas, tmp_path, tokenizer
 
 
 def test_config_errors_name_the_key(demo_atlas):  # noqa: F811
-    with pytest.raises(DataError, match="data.tokenizer='bpe'.*allowed: rank, binned"):
+    with pytest.raises(DataError, match=r"data\.tokenizer='bpe'.*allowed: rank, binned"):
         steps_per_epoch(small_config(demo_atlas, tokenizer="bpe"), 1)
     with pytest.raises(DataError, match="tokens_per_batch"):
         steps_per_epoch(small_config(demo_atlas, tokens_per_batch=100), 1)
-    with pytest.raises(DataError, match="not an atlas|no scfm metadata"):
+    with pytest.raises(DataError, match=r"not an atlas|no scfm metadata"):
         steps_per_epoch(small_config("/nonexistent/atlas"), 1)

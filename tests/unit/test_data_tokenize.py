@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def _csr(cells: list[dict[int, float]]):
 
 
 def _cells(off, tok, val):
-    return [(tok[a:b].tolist(), val[a:b].tolist()) for a, b in zip(off[:-1], off[1:])]
+    return [(tok[a:b].tolist(), val[a:b].tolist()) for a, b in itertools.pairwise(off)]
 
 
 def test_rank_tokenizer_orders_by_count_over_gene_median():
@@ -56,7 +58,7 @@ def test_binned_tokenizer_equal_frequency_bins_in_gene_order():
 def test_binned_tokenizer_truncation_keeps_highest_counts_bins_from_all_genes():
     # 6 genes, n_bins=4 → bins 1 + 3r/6; keep the top 3 counts (genes 1, 3, 4) with bins from all 6 values
     cells = [{0: 1, 1: 9, 2: 3, 3: 7, 4: 5, 5: 2}]
-    off, tok, val = tokenize(*_csr(cells), kind="binned", max_len=4, n_bins=4)
+    _off, tok, val = tokenize(*_csr(cells), kind="binned", max_len=4, n_bins=4)
     s = N_SPECIAL
     assert tok.tolist() == [CLS_ID, s + 1, s + 3, s + 4]
     assert val.tolist() == [0.0, 1 + 3 * 5 // 6, 1 + 3 * 4 // 6, 1 + 3 * 3 // 6]
