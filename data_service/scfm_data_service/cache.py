@@ -21,7 +21,7 @@ import numpy as np
 from scfm_data_service.config import DataConfig
 from scfm_data_service.datasource import AtlasReader, Tokenizer, Unit, _csr
 from scfm_data_service.errors import DataError
-from scfm_data_service.tokenize import token_lengths
+from scfm_data_service.tokenize import token_lengths, tokenize
 
 FORMAT = "scfm-tokens-v1"
 CHUNK = 1 << 18
@@ -59,6 +59,16 @@ def write_token_cache(cfg: DataConfig, out: str | Path, *, progress: bool = Fals
     from scfm_data_service.atlas import _progress, cell_nnz, read_meta
 
     meta = read_meta(cfg.atlas)
+    empty = np.zeros(0, np.int64)  # checks tokenizer settings before anything is written
+    tokenize(
+        np.zeros(1, np.int64),
+        empty,
+        empty,
+        kind=cfg.tokenizer,
+        max_len=cfg.max_len,
+        n_bins=cfg.n_bins,
+        gene_median=meta["gene_median"],
+    )
     joinids, nnz = cell_nnz(cfg.atlas)
     n = len(joinids)
     if not np.array_equal(joinids, np.arange(n)):
