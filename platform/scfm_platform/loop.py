@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
 Each step: next batch → forward → masked-gene loss → backward → grad norms → divergence check → optimizer step →
-metrics (every rank reports them; rank 0 also sends them to MLflow) → validation and checkpoint when due.
+metrics (every rank reports them; rank 0 also sends them to MLflow) → validation, in-training evaluation (rank 0,
+`eval.every`) and checkpoint when due.
 `payload` (from the driver): config (dict), tracking {uri, run_id} or None, git_commit, resume_from (a
 checkpoint directory or None; a checkpoint Ray Train hands back after a worker failure wins).
 """
@@ -86,6 +87,8 @@ def train_loop(payload: dict[str, Any]) -> None:
         metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:
             metrics["val_loss"] = _validate(engine, cfg, rank, world, device)
+        if rank == 0 and cfg.eval.every and state.step % cfg.eval.every == 0:
+            metrics.update(_evaluate(engine, cfg))
         save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
         if log is not None:
             log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
@@ -138,6 +141,30 @@ def _validate(engine, cfg: RunConfig, rank: int, world: int, device: torch.devic
         total += masked_loss(out, batch, dims.value_encoding, dims.n_bins)[0].item()
     engine.train()
     return _all_sum([total])[0] / (n_val * world)
+
+
+def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
+    """Rank 0: embedding scores of the held-out labelled cells (`eval` section), as eval/<score>; never fatal."""
+    import warnings
+    from dataclasses import replace
+
+    if engine.zero_optimization_stage() == 3:
+        warnings.warn("eval.every is skipped under ZeRO-3 (rank 0 does not hold the whole model)", stacklevel=2)
+        return {}
+    try:
+        import scfm_data_service
+        from scfm_platform.eval.evaluate import training_scores
+
+        d, split = cfg.data, "val"
+        if cfg.eval.atlas:  # a separate labelled atlas: all of its cells
+            d, split = replace(cfg.data, atlas=cfg.eval.atlas, tokens=None, val_fraction=0.0), "train"
+        labels = scfm_data_service.read_obs(d.atlas, columns=(cfg.eval.label,))[cfg.eval.label]
+        batches = data.batches(d, rank=0, world_size=1, epoch=0, split=split)
+        scores = training_scores(engine.module, batches, labels, seed=cfg.train.seed, max_cells=cfg.eval.max_cells)
+    except Exception as e:
+        warnings.warn(f"in-training evaluation failed, training goes on: {e}", stacklevel=2)
+        return {}
+    return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 
 def _report(engine, metrics: dict[str, Any], state: TrainState, rank: int, save: bool) -> None:
