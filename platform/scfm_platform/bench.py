@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --device cpu for a smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{device_name}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
     rows = []
     for name in args.backends.split(","):
         try:
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sigmoid / {ref} step throughput: {ok[ref]['step_s'] / ok['sigmoid']['step_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "results": rows}, f, indent=1)
+            json.dump(
+                {"device": device_name, "torch": torch.__version__, "args": vars(args), "results": rows}, f, indent=1
+            )
     return 0
 
 
