@@ -84,7 +84,7 @@ def write_token_cache(cfg: DataConfig, out: str | Path, *, progress: bool = Fals
     root.create_array("offsets", shape=(n + 1,), dtype="int64", chunks=(1 << 20,))[:] = offsets
     root.create_array("soma_joinid", shape=(n,), dtype="int64", chunks=(1 << 20,))[:] = joinids
     reader = AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)
-    tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, meta["gene_median"])
+    tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, meta["gene_median"], (0.0, 0, 0))
     w_t, w_v = _ShardWriter(tokens, np.int32), _ShardWriter(values, np.float32)
     with _progress(progress) as bar:
         task = bar.add_task("tokenize", total=n) if bar else None

@@ -135,30 +135,62 @@ class ZarrReader:
         )
 
 
-class Tokenizer:
-    """map_batches callable: raw-count table → token table (see module docstring)."""
+def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: int, epoch: int) -> np.ndarray:
+    """uint8 [M]: masked tokens of ragged cells; round(ratio × genes) per cell (≥ 1 if ratio > 0 and genes > 0),
+    never CLS. A pure function of (seed, epoch, soma_joinid, position): batching, rank and engine do not matter."""
+    from scfm_data_service.shuffle import splitmix64
 
-    def __init__(self, kind: str, max_len: int, n_bins: int, gene_median: np.ndarray):
+    lens = np.diff(offsets)
+    m = int(offsets[-1] - offsets[0])
+    mask = np.zeros(m, dtype=np.uint8)
+    if ratio <= 0 or m == 0:
+        return mask
+    rows = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    pos = np.arange(m, dtype=np.int64) - (offsets[:-1] - offsets[0])[rows]
+    key = splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ splitmix64(np.uint64(epoch & 0xFFFFFFFF)))
+    cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
+    u = splitmix64(cell[rows] ^ pos.astype(np.uint64)) >> np.uint64(40)  # 24 random bits
+    u[pos == 0] = (1 << 24) - 1 + 1  # CLS sorts last
+    order = np.argsort((rows.astype(np.uint64) << np.uint64(25)) | u, kind="stable")
+    n_genes = lens - 1
+    k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
+    rank = np.arange(m, dtype=np.int64) - (offsets[:-1] - offsets[0])[rows]  # rows[order] == rows
+    mask[order[rank < k[rows]]] = 1
+    return mask
+
+
+class Tokenizer:
+    """map_batches callable: raw-count (or token) table → token table with the flat `mask` column."""
+
+    def __init__(self, kind: str | None, max_len: int, n_bins: int, gene_median, mask: tuple[float, int, int]):
         self.kind, self.max_len, self.n_bins, self.gene_median = kind, max_len, n_bins, gene_median
+        self.mask_ratio, self.seed, self.epoch = mask
 
     def __call__(self, tbl: pa.Table) -> pa.Table:
-        indptr, genes = _csr(tbl["genes"])
-        _, counts = _csr(tbl["counts"])
-        off, tok, val = tokenize(
-            indptr,
-            genes,
-            counts,
-            kind=self.kind,
-            max_len=self.max_len,
-            n_bins=self.n_bins,
-            gene_median=self.gene_median,
-        )
+        if "tokens" in tbl.column_names:
+            off, tok = _csr(tbl["tokens"])
+            _, val = _csr(tbl["values"])
+        else:
+            indptr, genes = _csr(tbl["genes"])
+            _, counts = _csr(tbl["counts"])
+            off, tok, val = tokenize(
+                indptr,
+                genes,
+                counts,
+                kind=self.kind,
+                max_len=self.max_len,
+                n_bins=self.n_bins,
+                gene_median=self.gene_median,
+            )
+        joinids = tbl["soma_joinid"].to_numpy()
+        mask = flat_mask(off, joinids, ratio=self.mask_ratio, seed=self.seed, epoch=self.epoch)
         return pa.table(
             {
                 "soma_joinid": tbl["soma_joinid"],
                 "step": tbl["step"],
                 "tokens": _list(off, tok),
                 "values": _list(off, val),
+                "mask": _list(off, mask),
             }
         )
 

@@ -25,7 +25,7 @@ from scfm_data_service.bucketing import bucket_batch_cells, bucket_edges
 from scfm_data_service.config import DataConfig
 from scfm_data_service.datasource import AtlasReader, Tokenizer, Unit, ZarrReader, _csr, plan_datasource
 from scfm_data_service.errors import DataError
-from scfm_data_service.shuffle import EpochPlan, is_val, make_plan, splitmix64
+from scfm_data_service.shuffle import EpochPlan, is_val, make_plan
 from scfm_data_service.tokenize import TOKENIZERS, token_lengths
 
 SPLITS = ("train", "val", "all")  # all: every cell once (train + val), unshuffled, e.g. for embeddings
@@ -154,26 +154,11 @@ def vocab_size(cfg: DataConfig) -> int:
 # ---------------------------------------------------------------- collation and masking
 
 
-def mask_positions(
-    joinids: np.ndarray, seq_lens: np.ndarray, t: int, *, ratio: float, seed: int, epoch: int
-) -> np.ndarray:
-    """bool [B, T]: round(ratio × genes) positions per cell (≥ 1 if ratio > 0), never CLS or padding."""
-    pos = np.arange(t, dtype=np.uint64)
-    key = splitmix64(splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ np.uint64(epoch & 0xFFFFFFFF)))
-    cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
-    u = splitmix64(cell[:, None] ^ (pos[None, :] * np.uint64(0xD1B54A32D192ED03)))
-    valid = (pos[None, :] >= 1) & (pos[None, :] < seq_lens[:, None].astype(np.uint64))
-    n_genes = seq_lens.astype(np.int64) - 1
-    k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0) if ratio > 0 else np.zeros_like(n_genes)
-    u = np.where(valid, u, np.uint64(0xFFFFFFFFFFFFFFFF))
-    rank = np.argsort(np.argsort(u, axis=1, kind="stable"), axis=1, kind="stable")
-    return valid & (rank < k[:, None])
-
-
-def collate(tbl: pa.Table, cfg: DataConfig, mask_epoch: int) -> dict[str, torch.Tensor]:
-    """One step's token table (rows = cells) → the padded batch dict of schema.py."""
+def collate(tbl: pa.Table) -> dict[str, torch.Tensor]:
+    """One step's token table (rows = cells, with flat mask) → the padded batch dict of schema.py."""
     off, tok = _csr(tbl["tokens"])
     _, val = _csr(tbl["values"])
+    _, flat_mask = _csr(tbl["mask"])
     joinids = tbl["soma_joinid"].to_numpy()
     lens = np.diff(off)
     b, t = len(lens), int(lens.max())
@@ -181,9 +166,10 @@ def collate(tbl: pa.Table, cfg: DataConfig, mask_epoch: int) -> dict[str, torch.
     cols = np.arange(len(tok)) - off[rows]
     tgt_ids = np.full((b, t), S.PAD_ID, dtype=np.int64)
     tgt_val = np.zeros((b, t), dtype=np.float32)
+    mask = np.zeros((b, t), dtype=bool)
     tgt_ids[rows, cols] = tok
     tgt_val[rows, cols] = val
-    mask = mask_positions(joinids, lens, t, ratio=cfg.mask_ratio, seed=cfg.seed, epoch=mask_epoch)
+    mask[rows, cols] = flat_mask.astype(bool)
     return {
         S.GENE_IDS: torch.from_numpy(np.where(mask, S.MASK_ID, tgt_ids)),
         S.VALUES: torch.from_numpy(np.where(mask, np.float32(0), tgt_val)),
@@ -207,7 +193,7 @@ def _units(plan: EpochPlan, rank: int, start_step: int, steps_per_unit: int) -> 
     return units
 
 
-def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer | None) -> Iterator[pa.Table]:
+def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer) -> Iterator[pa.Table]:
     import ray
     import ray.data
 
@@ -222,15 +208,21 @@ def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer
         concurrency=max(1, cfg.read_workers),
         num_cpus=cfg.task_cpus,
     )
-    if tokenizer is not None:
-        ds = ds.map_batches(
-            Tokenizer,
-            fn_constructor_args=(tokenizer.kind, tokenizer.max_len, tokenizer.n_bins, tokenizer.gene_median),
-            batch_size=None,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.read_workers)),
-            num_cpus=cfg.task_cpus,
-        )
+    # tokenize (atlas path) and draw the masks on an actor pool
+    ds = ds.map_batches(
+        Tokenizer,
+        fn_constructor_args=(
+            tokenizer.kind,
+            tokenizer.max_len,
+            tokenizer.n_bins,
+            tokenizer.gene_median,
+            (tokenizer.mask_ratio, tokenizer.seed, tokenizer.epoch),
+        ),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.read_workers)),
+        num_cpus=cfg.task_cpus,
+    )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
 
@@ -257,16 +249,15 @@ def iter_batches(
     units = _units(plan, rank, start_step, per_unit)
     if not units:
         return
-    if cfg.tokens:
-        reader, tokenizer = ZarrReader(cfg.tokens), None
-    else:
-        reader = AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)
-        tokenizer = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, cells.gene_median)
+    reader = ZarrReader(cfg.tokens) if cfg.tokens else AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)
+    mask_epoch = epoch if split == "train" else VAL_EPOCH
+    tokenizer = Tokenizer(
+        cfg.tokenizer, cfg.max_len, cfg.n_bins, cells.gene_median, (cfg.mask_ratio, cfg.seed, mask_epoch)
+    )
     if cfg.engine == "ray":
         tables = _ray_tables(cfg, units, reader, tokenizer)
     else:
-        tables = (tokenizer(reader.read(u)) if tokenizer else reader.read(u) for u in units)
-    mask_epoch = epoch if split == "train" else VAL_EPOCH
+        tables = (tokenizer(reader.read(u)) for u in units)
     pending: list[pa.Table] = []
     step = start_step
     want = plan.offsets[plan.batch_index(rank, step) + 1] - plan.offsets[plan.batch_index(rank, step)]
@@ -278,7 +269,7 @@ def iter_batches(
             tbl = tbl.slice(take)
             have += take
             if have == want:
-                yield collate(pa.concat_tables(pending), cfg, mask_epoch)
+                yield collate(pa.concat_tables(pending))
                 pending, have, step = [], 0, step + 1
                 if step < plan.steps:
                     j = plan.batch_index(rank, step)
