@@ -60,6 +60,7 @@ def train(
             ray.init()
         else:
             ray.init(include_dashboard=False, log_to_driver=worker_logs)
+    cfg = _absolute_paths(cfg)
     use_gpu = _use_gpu(cfg)
     run_dir = _run_dir(cfg, resume)
     launch = _read_launch(run_dir)
@@ -206,6 +207,19 @@ def _feed_class():
 
 def _Feed(q):
     return _feed_class()(q)
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute (workers run in their own directories); URIs and `synthetic:` left as they are."""
+    from dataclasses import replace
+
+    def fix(path: str | None) -> str | None:
+        if not path or "://" in path or path.startswith("synthetic:"):
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    data = replace(cfg.data, atlas=fix(cfg.data.atlas), tokens=fix(cfg.data.tokens))
+    return replace(cfg, data=data, eval=replace(cfg.eval, atlas=fix(cfg.eval.atlas)))
 
 
 def _use_gpu(cfg: RunConfig) -> bool:
