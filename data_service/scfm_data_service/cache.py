@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from scfm_data_service.config import DataConfig
-from scfm_data_service.datasource import AtlasReader, Tokenizer, Unit, _csr
+from scfm_data_service.datasource import AtlasReader
 from scfm_data_service.errors import DataError
 from scfm_data_service.tokenize import token_lengths, tokenize
 
@@ -84,15 +84,21 @@ def write_token_cache(cfg: DataConfig, out: str | Path, *, progress: bool = Fals
     root.create_array("offsets", shape=(n + 1,), dtype="int64", chunks=(1 << 20,))[:] = offsets
     root.create_array("soma_joinid", shape=(n,), dtype="int64", chunks=(1 << 20,))[:] = joinids
     reader = AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)
-    tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, meta["gene_median"], (0.0, 0, 0))
     w_t, w_v = _ShardWriter(tokens, np.int32), _ShardWriter(values, np.float32)
     with _progress(progress) as bar:
         task = bar.add_task("tokenize", total=n) if bar else None
         for a in range(0, n, CELLS_PER_READ):
             cells = joinids[a : a + CELLS_PER_READ]
-            t = tok(reader.read(Unit(cells, np.zeros(len(cells), np.int64))))
-            off, flat_t = _csr(t["tokens"])
-            _, flat_v = _csr(t["values"])
+            indptr, genes, counts = reader.read_csr(cells)
+            off, flat_t, flat_v = tokenize(
+                indptr,
+                genes,
+                counts,
+                kind=cfg.tokenizer,
+                max_len=cfg.max_len,
+                n_bins=cfg.n_bins,
+                gene_median=meta["gene_median"],
+            )
             if not np.array_equal(np.diff(off), lengths[a : a + CELLS_PER_READ]):
                 raise DataError(f"{cfg.atlas}: obs nnz disagrees with X for cells {a}..{a + len(cells) - 1}")
             w_t.append(flat_t)

@@ -1,13 +1,19 @@
 """Reading planned cells: from the atlas (raw counts, tokenized on an actor pool) or from the zarr token cache.
 
 A read unit is a run of consecutive steps of one rank: its cells (in plan order) and their step numbers. Reading
-a unit yields one Arrow table, one row per cell, in plan order:
+a unit yields one Arrow table with one row per step (so Ray Data can only split blocks between steps):
 
-    atlas:  soma_joinid int64, step int64, genes list<int64>, counts list<float32>   → Tokenizer →
-    tokens: soma_joinid int64, step int64, tokens list<int32>, values list<float32>
+    atlas:  step int64, soma_joinid list<int64>, genes list<list<int32>>, counts list<list<float32>>
+    tokens: step int64, soma_joinid list<int64>, tokens list<list<int32>>, values list<list<float32>>
 
-`PlanDatasource` is the Ray Data Datasource with one read task per unit; `Tokenizer` is the map_batches callable
-(run on an actor pool so the gene medians are loaded once per actor).
+`Tokenizer` (the map_batches callable, run on an actor pool so the gene medians are loaded once per actor)
+tokenizes a whole block at once, draws the masks and pads every step into its [B, T] arrays, flattened:
+
+    batches: step int64, t int64, soma_joinid list<int64>, seq_lens list<int32>, gene_ids list<int32>,
+             values list<float32>, mask list<uint8>, target_gene_ids list<int32>, target_values list<float32>
+
+so the consumer only views the buffers and widens the ids to int64. `PlanDatasource` is the Ray Data Datasource
+with one read task per unit.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from scfm_data_service.errors import DataError
+from scfm_data_service.schema import MASK_ID, PAD_ID
 from scfm_data_service.tokenize import tokenize
 
 _OPEN: dict[tuple, object] = {}  # per-process cache of opened arrays (Ray workers are reused across tasks)
@@ -43,11 +51,44 @@ def _list(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
 
 
+def _nested(step_off: np.ndarray, cell_off: np.ndarray, values: np.ndarray) -> pa.Array:
+    """list<list<values>>: step i holds cells step_off[i]:step_off[i+1], cell j values cell_off[j]:cell_off[j+1]."""
+    return pa.LargeListArray.from_arrays(pa.array(step_off, pa.int64()), _list(cell_off, values))
+
+
 def _csr(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     off = arr.offsets.to_numpy().astype(np.int64)
     flat = arr.values.to_numpy(zero_copy_only=False)
     return off - off[0], flat[off[0] : off[-1]]
+
+
+def _csr2(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step offsets into cells, cell offsets into values, values) of a list<list<…>> column, rebased to 0."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    s_off = arr.offsets.to_numpy().astype(np.int64)
+    inner = arr.values
+    c_off = inner.offsets.to_numpy().astype(np.int64)[s_off[0] : s_off[-1] + 1]
+    flat = inner.values.to_numpy(zero_copy_only=False)[c_off[0] : c_off[-1]]
+    return s_off - s_off[0], c_off - c_off[0], flat
+
+
+def _step_offsets(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct steps, offsets of their runs) of a non-decreasing step array."""
+    brk = np.flatnonzero(np.diff(steps)) + 1
+    return steps[np.append(0, brk)] if len(steps) else steps, np.concatenate([[0], brk, [len(steps)]])
+
+
+def _step_table(unit: Unit, cell_off: np.ndarray, names: tuple[str, str], a: np.ndarray, b: np.ndarray) -> pa.Table:
+    steps, s_off = _step_offsets(unit.steps)
+    return pa.table(
+        {
+            "step": pa.array(steps, pa.int64()),
+            "soma_joinid": _list(s_off, unit.cells.astype(np.int64)),
+            names[0]: _nested(s_off, cell_off, a),
+            names[1]: _nested(s_off, cell_off, b),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -66,26 +107,47 @@ class AtlasReader:
             _OPEN[key] = soma.open(f"{self.uri.rstrip('/')}/ms/{self.measurement}/X/{self.layer}")
         return _OPEN[key]
 
-    def read(self, unit: Unit) -> pa.Table:
-        uniq = np.unique(unit.cells)
-        # unordered reads are several times faster than row-major ones; group rows here instead
-        tbl = self._x().read(coords=(uniq,), result_order="auto").tables().concat()
-        rows = tbl["soma_dim_0"].to_numpy()
-        genes, counts = tbl["soma_dim_1"].to_numpy(), tbl["soma_data"].to_numpy()
+    def _read(self, coords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tbl = self._x().read(coords=(coords,), result_order="auto").tables().concat()
+        return (
+            tbl["soma_dim_0"].to_numpy(),
+            tbl["soma_dim_1"].to_numpy().astype(np.int32),
+            tbl["soma_data"].to_numpy().astype(np.float32, copy=False),
+        )
+
+    def read_csr(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr int64 [n+1], genes int32 [nnz], counts float32 [nnz]) of `cells`, in that order."""
+        uniq = np.unique(cells)
+        # dense runs of joinids (gaps ≤ 64) are read as ranges, the scattered rest as one point read; unordered
+        # reads are several times faster than row-major ones, rows are grouped here instead
+        brk = np.flatnonzero(np.diff(uniq) > 64) + 1
+        runs = np.split(uniq, brk)
+        parts, points = [], []
+        for run in runs:
+            if len(run) >= 256:
+                parts.append(self._read(slice(int(run[0]), int(run[-1]))))
+            else:
+                points.append(run)
+        if points:
+            parts.append(self._read(np.concatenate(points)))
+        rows = np.concatenate([p[0] for p in parts])
+        genes = np.concatenate([p[1] for p in parts])
+        counts = np.concatenate([p[2] for p in parts])
         if len(rows) > 1 and (np.diff(rows) < 0).any():
             order = np.argsort(rows, kind="stable")
             rows, genes, counts = rows[order], genes[order], counts[order]
-        indptr = np.searchsorted(rows, uniq, side="left").astype(np.int64)
-        indptr = np.append(indptr, len(rows))
-        out, idx = take_rows(indptr, np.searchsorted(uniq, unit.cells))
-        return pa.table(
-            {
-                "soma_joinid": pa.array(unit.cells, pa.int64()),
-                "step": pa.array(unit.steps, pa.int64()),
-                "genes": _list(out, genes[idx]),
-                "counts": _list(out, counts[idx]),
-            }
-        )
+        lo = np.searchsorted(rows, uniq, side="left")
+        hi = np.searchsorted(rows, uniq, side="right")
+        sel = np.searchsorted(uniq, cells)
+        lens = (hi - lo)[sel]
+        out = np.zeros(len(cells) + 1, dtype=np.int64)
+        np.cumsum(lens, out=out[1:])
+        idx = np.repeat(lo[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
+        return out, genes[idx], counts[idx]
+
+    def read(self, unit: Unit) -> pa.Table:
+        out, genes, counts = self.read_csr(unit.cells)
+        return _step_table(unit, out, ("genes", "counts"), genes, counts)
 
 
 @dataclass(frozen=True)
@@ -108,14 +170,13 @@ class ZarrReader:
         uniq = np.unique(unit.cells)
         # contiguous runs of needed cells (gaps ≤ 64 cells are read through) → one slice each
         brk = np.flatnonzero(np.diff(uniq) > 64) + 1
-        parts_t, parts_v, starts, lo_of = [], [], [], []
+        parts_t, parts_v, starts = [], [], []
         base = 0
         for run in np.split(uniq, brk):
             a, b = int(offsets[run[0]]), int(offsets[run[-1] + 1])
             parts_t.append(tokens[a:b])
             parts_v.append(values[a:b])
             starts.append(offsets[run] - a + base)
-            lo_of.append(run)
             base += b - a
         flat_t = np.concatenate(parts_t) if parts_t else np.zeros(0, np.int32)
         flat_v = np.concatenate(parts_v) if parts_v else np.zeros(0, np.float32)
@@ -125,74 +186,130 @@ class ZarrReader:
         out = np.zeros(len(sel) + 1, dtype=np.int64)
         np.cumsum(lens, out=out[1:])
         idx = np.repeat(start[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
-        return pa.table(
-            {
-                "soma_joinid": pa.array(unit.cells, pa.int64()),
-                "step": pa.array(unit.steps, pa.int64()),
-                "tokens": _list(out, flat_t[idx].astype(np.int32)),
-                "values": _list(out, flat_v[idx].astype(np.float32)),
-            }
-        )
+        tok, val = flat_t[idx].astype(np.int32, copy=False), flat_v[idx].astype(np.float32, copy=False)
+        return _step_table(unit, out, ("tokens", "values"), tok, val)
+
+
+_ROW_BITS, _U_BITS, _POS_BITS = 17, 30, 17  # mask sort key: cell in the sort | random draw | position
 
 
 def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: int, epoch: int) -> np.ndarray:
     """uint8 [M]: masked tokens of ragged cells; round(ratio × genes) per cell (≥ 1 if ratio > 0 and genes > 0),
-    never CLS. A pure function of (seed, epoch, soma_joinid, position): batching, rank and engine do not matter."""
+    never CLS. A pure function of (seed, epoch, soma_joinid, position): batching, rank and engine do not matter.
+
+    Each position draws 30 hash bits u(seed, epoch, joinid, position); a cell masks its k positions of smallest
+    (u, position). One np.sort of packed keys (cell | u | position) over all cells finds each cell's k-th key."""
     from scfm_data_service.shuffle import splitmix64
 
+    offsets = np.asarray(offsets, dtype=np.int64)
     lens = np.diff(offsets)
     m = int(offsets[-1] - offsets[0])
     mask = np.zeros(m, dtype=np.uint8)
     if ratio <= 0 or m == 0:
         return mask
-    rows = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
-    pos = np.arange(m, dtype=np.int64) - (offsets[:-1] - offsets[0])[rows]
+    if lens.max() > 1 << _POS_BITS:
+        raise DataError(f"cells of {lens.max()} tokens exceed the mask's {1 << _POS_BITS}-position limit")
+    starts = offsets[:-1] - offsets[0]
     key = splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ splitmix64(np.uint64(epoch & 0xFFFFFFFF)))
     cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
-    u = splitmix64(cell[rows] ^ pos.astype(np.uint64)) >> np.uint64(40)  # 24 random bits
-    u[pos == 0] = (1 << 24) - 1 + 1  # CLS sorts last
-    order = np.argsort((rows.astype(np.uint64) << np.uint64(25)) | u, kind="stable")
     n_genes = lens - 1
     k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
-    rank = np.arange(m, dtype=np.int64) - (offsets[:-1] - offsets[0])[rows]  # rows[order] == rows
-    mask[order[rank < k[rows]]] = 1
+    u_max = np.uint64((1 << _U_BITS) - 1)
+    step = 1 << _ROW_BITS
+    for a in range(0, len(lens), step):
+        b = min(a + step, len(lens))
+        lo, hi = int(starts[a]), int(starts[b - 1] + lens[b - 1])
+        rows = np.repeat(np.arange(b - a, dtype=np.int64), lens[a:b])
+        pos = np.arange(hi - lo, dtype=np.int64) - (starts[a:b] - lo)[rows]
+        u = splitmix64(cell[a:b][rows] ^ pos.astype(np.uint64)) >> np.uint64(64 - _U_BITS)
+        u = np.minimum(u, u_max - np.uint64(1))
+        u[pos == 0] = u_max  # CLS sorts last
+        keys = (rows.astype(np.uint64) << np.uint64(_U_BITS + _POS_BITS)) | (u << np.uint64(_POS_BITS))
+        keys |= pos.astype(np.uint64)
+        srt = np.sort(keys)
+        kk = k[a:b]
+        thr = np.where(kk > 0, srt[np.maximum(starts[a:b] - lo + kk - 1, 0)], 0)
+        mask[lo:hi] = (keys <= thr[rows]) & (kk > 0)[rows]
     return mask
 
 
+def pad_steps(
+    s_off: np.ndarray, c_off: np.ndarray, tok: np.ndarray, val: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Pad ragged cells into one flat [B_s, T_s] array per step s (T_s = its longest cell), all steps concatenated.
+
+    Returns (t int64 [S], flat offsets int64 [S+1], arrays): gene_ids (MASK_ID where masked), values (0 where masked),
+    mask uint8, target_gene_ids, target_values."""
+    lens = np.diff(c_off)
+    n_steps = len(s_off) - 1
+    step_of = np.repeat(np.arange(n_steps), np.diff(s_off))
+    t = np.zeros(n_steps, dtype=np.int64)
+    if len(lens):
+        np.maximum.at(t, step_of, lens)
+    size = np.diff(s_off) * t
+    f_off = np.zeros(n_steps + 1, dtype=np.int64)
+    np.cumsum(size, out=f_off[1:])
+    cell_start = f_off[step_of] + (np.arange(len(lens)) - s_off[step_of]) * t[step_of]
+    rows = np.repeat(np.arange(len(lens)), lens)
+    dest = cell_start[rows] + (np.arange(len(tok)) - c_off[:-1][rows])
+    total = int(f_off[-1])
+    out = {}
+    m = mask.astype(bool)
+    for name, src, fill, dt in (
+        ("target_gene_ids", tok, PAD_ID, np.int32),
+        ("gene_ids", np.where(m, MASK_ID, tok), PAD_ID, np.int32),
+        ("target_values", val, 0, np.float32),
+        ("values", np.where(m, np.float32(0), val), 0, np.float32),
+        ("mask", mask, 0, np.uint8),
+    ):
+        arr = np.full(total, fill, dtype=dt)
+        arr[dest] = src
+        out[name] = arr
+    return t, f_off, out
+
+
+PADDED = ("gene_ids", "values", "mask", "target_gene_ids", "target_values")
+
+
 class Tokenizer:
-    """map_batches callable: raw-count (or token) table → token table with the flat `mask` column."""
+    """map_batches callable: step table of raw counts (or tokens) → step table of padded, masked batches."""
 
     def __init__(self, kind: str | None, max_len: int, n_bins: int, gene_median, mask: tuple[float, int, int]):
         self.kind, self.max_len, self.n_bins, self.gene_median = kind, max_len, n_bins, gene_median
         self.mask_ratio, self.seed, self.epoch = mask
 
-    def __call__(self, tbl: pa.Table) -> pa.Table:
+    def tokens(self, tbl: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(step offsets into cells, cell offsets into tokens, tokens int32, values float32) of a step table."""
         if "tokens" in tbl.column_names:
-            off, tok = _csr(tbl["tokens"])
-            _, val = _csr(tbl["values"])
-        else:
-            indptr, genes = _csr(tbl["genes"])
-            _, counts = _csr(tbl["counts"])
-            off, tok, val = tokenize(
-                indptr,
-                genes,
-                counts,
-                kind=self.kind,
-                max_len=self.max_len,
-                n_bins=self.n_bins,
-                gene_median=self.gene_median,
-            )
-        joinids = tbl["soma_joinid"].to_numpy()
-        mask = flat_mask(off, joinids, ratio=self.mask_ratio, seed=self.seed, epoch=self.epoch)
-        return pa.table(
-            {
-                "soma_joinid": tbl["soma_joinid"],
-                "step": tbl["step"],
-                "tokens": _list(off, tok),
-                "values": _list(off, val),
-                "mask": _list(off, mask),
-            }
+            s_off, off, tok = _csr2(tbl["tokens"])
+            _, _, val = _csr2(tbl["values"])
+            return s_off, off, tok, val
+        s_off, indptr, genes = _csr2(tbl["genes"])
+        _, _, counts = _csr2(tbl["counts"])
+        off, tok, val = tokenize(
+            indptr,
+            genes,
+            counts,
+            kind=self.kind,
+            max_len=self.max_len,
+            n_bins=self.n_bins,
+            gene_median=self.gene_median,
         )
+        return s_off, off, tok, val
+
+    def __call__(self, tbl: pa.Table) -> pa.Table:
+        s_off, off, tok, val = self.tokens(tbl)
+        j_off, joinids = _csr(tbl["soma_joinid"])
+        mask = flat_mask(off, joinids, ratio=self.mask_ratio, seed=self.seed, epoch=self.epoch)
+        t, f_off, arrays = pad_steps(s_off, off, tok, val, mask)
+        cols = {
+            "step": tbl["step"],
+            "t": pa.array(t, pa.int64()),
+            "soma_joinid": _list(j_off, joinids.astype(np.int64)),
+            "seq_lens": _list(s_off, np.diff(off).astype(np.int32)),
+        }
+        cols.update({k: _list(f_off, arrays[k]) for k in PADDED})
+        return pa.table(cols)
 
 
 def _plan_datasource_cls():

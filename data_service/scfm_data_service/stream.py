@@ -2,9 +2,10 @@
 
 Pipeline (engine="ray", the training path): the epoch plan (shuffle.py) gives this rank's steps; consecutive
 steps form read units; a Ray Data Datasource reads each unit (atlas X rows by soma_joinid, or the zarr token
-cache), `map_batches` tokenizes on an actor pool (atlas path only), and the consumer pads each step's cells into
-[B, T] tensors and draws the masking targets. Inside a Ray Train worker the running Ray is used; standalone, a
-local Ray is started. engine="local" runs the same read and tokenize code in-process (notebooks, quick checks).
+cache), `map_batches` on an actor pool tokenizes (atlas path), draws the masks and pads every step into its [B, T]
+arrays, and the consumer only turns each step's arrays into tensors. Inside a Ray Train worker the running Ray is
+used; standalone, a local Ray is started. engine="local" runs the same read and tokenize code in-process
+(notebooks, quick checks).
 
 Masking is a pure function of (seed, epoch, soma_joinid, position): the same cell gets the same mask in an epoch
 whatever batch, rank or engine delivers it; val uses a fixed epoch so its masks never change.
@@ -23,7 +24,7 @@ import torch
 from scfm_data_service import schema as S
 from scfm_data_service.bucketing import bucket_batch_cells, bucket_edges
 from scfm_data_service.config import DataConfig
-from scfm_data_service.datasource import AtlasReader, Tokenizer, Unit, ZarrReader, _csr, plan_datasource
+from scfm_data_service.datasource import PADDED, AtlasReader, Tokenizer, Unit, ZarrReader, _csr, plan_datasource
 from scfm_data_service.errors import DataError
 from scfm_data_service.shuffle import EpochPlan, is_val, make_plan
 from scfm_data_service.tokenize import TOKENIZERS, token_lengths
@@ -151,34 +152,35 @@ def vocab_size(cfg: DataConfig) -> int:
     return S.N_SPECIAL + _cells(cfg).n_genes
 
 
-# ---------------------------------------------------------------- collation and masking
+# ---------------------------------------------------------------- handing batches over
 
 
-def collate(tbl: pa.Table) -> dict[str, torch.Tensor]:
-    """One step's token table (rows = cells, with flat mask) → the padded batch dict of schema.py."""
-    off, tok = _csr(tbl["tokens"])
-    _, val = _csr(tbl["values"])
-    _, flat_mask = _csr(tbl["mask"])
-    joinids = tbl["soma_joinid"].to_numpy()
-    lens = np.diff(off)
-    b, t = len(lens), int(lens.max())
-    rows = np.repeat(np.arange(b), lens)
-    cols = np.arange(len(tok)) - off[rows]
-    tgt_ids = np.full((b, t), S.PAD_ID, dtype=np.int64)
-    tgt_val = np.zeros((b, t), dtype=np.float32)
-    mask = np.zeros((b, t), dtype=bool)
-    tgt_ids[rows, cols] = tok
-    tgt_val[rows, cols] = val
-    mask[rows, cols] = flat_mask.astype(bool)
-    return {
-        S.GENE_IDS: torch.from_numpy(np.where(mask, S.MASK_ID, tgt_ids)),
-        S.VALUES: torch.from_numpy(np.where(mask, np.float32(0), tgt_val)),
-        S.SEQ_LENS: torch.from_numpy(lens.astype(np.int32)),
-        S.SOMA_JOINID: torch.from_numpy(joinids.astype(np.int64)),
-        S.MASK: torch.from_numpy(mask),
-        S.TARGET_GENE_IDS: torch.from_numpy(tgt_ids),
-        S.TARGET_VALUES: torch.from_numpy(tgt_val),
-    }
+def step_batches(tbl: pa.Table) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(step, batch dict of schema.py) for every row of a padded step table (Tokenizer output).
+
+    The arrays arrive padded and masked; here they are only viewed, copied out of the (read-only, shared) Arrow
+    buffers and the ids widened to int64."""
+    steps = tbl["step"].to_numpy()
+    t = tbl["t"].to_numpy()
+    j_off, joinids = _csr(tbl["soma_joinid"])
+    _, lens = _csr(tbl["seq_lens"])
+    flat = {k: _csr(tbl[k]) for k in PADDED}
+    for i, step in enumerate(steps.tolist()):
+        a, b = int(j_off[i]), int(j_off[i + 1])
+        shape = (b - a, int(t[i]))
+        arr = {k: v[int(off[i]) : int(off[i + 1])].reshape(shape) for k, (off, v) in flat.items()}
+        yield (
+            step,
+            {
+                S.GENE_IDS: torch.from_numpy(arr["gene_ids"].astype(np.int64)),
+                S.VALUES: torch.from_numpy(arr["values"].copy()),
+                S.SEQ_LENS: torch.from_numpy(lens[a:b].astype(np.int32)),
+                S.SOMA_JOINID: torch.from_numpy(joinids[a:b].astype(np.int64)),
+                S.MASK: torch.from_numpy(arr["mask"].view(np.bool_).copy()),
+                S.TARGET_GENE_IDS: torch.from_numpy(arr["target_gene_ids"].astype(np.int64)),
+                S.TARGET_VALUES: torch.from_numpy(arr["target_values"].copy()),
+            },
+        )
 
 
 # ---------------------------------------------------------------- the stream
@@ -258,22 +260,13 @@ def iter_batches(
         tables = _ray_tables(cfg, units, reader, tokenizer)
     else:
         tables = (tokenizer(reader.read(u)) for u in units)
-    pending: list[pa.Table] = []
     step = start_step
-    want = plan.offsets[plan.batch_index(rank, step) + 1] - plan.offsets[plan.batch_index(rank, step)]
-    have = 0
     for tbl in tables:
-        while tbl.num_rows:
-            take = min(tbl.num_rows, want - have)
-            pending.append(tbl.slice(0, take))
-            tbl = tbl.slice(take)
-            have += take
-            if have == want:
-                yield collate(pa.concat_tables(pending))
-                pending, have, step = [], 0, step + 1
-                if step < plan.steps:
-                    j = plan.batch_index(rank, step)
-                    want = plan.offsets[j + 1] - plan.offsets[j]
+        for got, batch in step_batches(tbl):
+            if got != step:
+                raise RuntimeError(f"stream delivered step {got}, expected {step} (rank {rank})")
+            yield batch
+            step += 1
     if step != plan.steps:
         raise RuntimeError(f"stream ended at step {step} of {plan.steps} (rank {rank})")
 

@@ -4,8 +4,10 @@ Both take cell rows as CSR (indptr int64 [N+1], genes int64 [nnz] = atlas gene i
 return CSR-like (offsets int64 [N+1], tokens int32 [M], values float32 [M]). Token id of gene g = N_SPECIAL + g.
 Each cell becomes [CLS, gene tokens...] with at most max_len tokens in all.
 
-- rank (Geneformer rank-value): expressed genes ordered by count / cell total / gene's non-zero median over the
-  atlas, highest first (ties: lower gene id first), truncated to max_len - 1 genes. Values are 0.
+- rank (Geneformer rank-value): expressed genes ordered by count / gene's non-zero median over the atlas (float32;
+  dividing by the cell total, common to all of a cell's genes, would not change the order), highest first (ties:
+  lower gene id first), truncated to max_len - 1 genes. Values are 0. One np.sort of packed uint64 keys
+  (cell | score bits | gene) orders a whole read unit at once.
 - binned (scGPT binned-value): each expressed gene's count is binned per cell into n_bins - 1 equal-frequency
   bins, bin = 1 + floor((n_bins - 1) * r / n) where n is the cell's expressed-gene count and r the number of
   its values strictly below this one (equal counts share a bin; 0 is reserved for "not expressed"). If a cell
@@ -44,6 +46,26 @@ def _with_cls(indptr, sel_rows, tokens, values, n_cells) -> tuple[np.ndarray, np
     return offsets, out_t, out_v
 
 
+def _rank_sorted(indptr, rows, genes, counts, median) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, genes) of all entries ordered by (cell, score desc, gene): np.sort of keys cell | ~score | gene."""
+    g_bits = max(1, int(len(median) - 1).bit_length())
+    r_bits = 64 - 31 - g_bits  # float32 score of a positive number: 31 bits
+    if r_bits < 1:
+        raise DataError(f"{len(median)} genes are too many for the rank tokenizer's packed sort keys")
+    score = counts.astype(np.float32) / median[genes]
+    inv = (np.uint32(0x7FFFFFFF) - score.view(np.uint32)).astype(np.uint64)  # highest score first
+    n_cells = len(indptr) - 1
+    step = 1 << r_bits
+    out_r, out_g = [], []
+    for a in range(0, max(n_cells, 1), step):  # cells per sort bounded by the row field
+        lo, hi = int(indptr[a]), int(indptr[min(a + step, n_cells)])
+        key = ((rows[lo:hi] - a).astype(np.uint64) << np.uint64(31 + g_bits)) | (inv[lo:hi] << np.uint64(g_bits))
+        key = np.sort(key | genes[lo:hi].astype(np.uint64))
+        out_r.append((key >> np.uint64(31 + g_bits)).astype(np.int64) + a)
+        out_g.append((key & np.uint64((1 << g_bits) - 1)).astype(np.int64))
+    return np.concatenate(out_r), np.concatenate(out_g)
+
+
 def tokenize(
     indptr: np.ndarray,
     genes: np.ndarray,
@@ -67,12 +89,10 @@ def tokenize(
     if kind == "rank":
         if gene_median is None:
             raise DataError("rank tokenizer needs the atlas gene medians (ingest computes them)")
-        total = np.bincount(rows, weights=counts, minlength=n_cells)
-        score = counts / np.maximum(total[rows], 1e-12) / gene_median[genes].astype(np.float64)
-        order = np.lexsort((genes, -score, rows))
-        within = np.arange(len(order)) - indptr[rows[order]]
-        sel = order[within < keep_genes]
-        return _with_cls(indptr, rows[sel], (genes[sel] + N_SPECIAL).astype(np.int32), 0.0, n_cells)
+        rows_s, genes_s = _rank_sorted(indptr, rows, genes, counts, np.asarray(gene_median, dtype=np.float32))
+        within = np.arange(len(rows_s)) - indptr[rows_s]
+        keep = within < keep_genes
+        return _with_cls(indptr, rows_s[keep], (genes_s[keep] + N_SPECIAL).astype(np.int32), 0.0, n_cells)
 
     if n_bins < 2:
         raise DataError(f"data.n_bins={n_bins} is too small; the binned tokenizer needs n_bins ≥ 2")
