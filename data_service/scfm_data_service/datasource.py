@@ -191,22 +191,23 @@ class ZarrReader:
 
 
 _ROW_BITS, _U_BITS, _POS_BITS = 17, 30, 17  # mask sort key: cell in the sort | random draw | position
+_M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558CCD)
 
 
 def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: int, epoch: int) -> np.ndarray:
     """uint8 [M]: masked tokens of ragged cells; round(ratio × genes) per cell (≥ 1 if ratio > 0 and genes > 0),
     never CLS. A pure function of (seed, epoch, soma_joinid, position): batching, rank and engine do not matter.
 
-    Each position draws 30 hash bits u(seed, epoch, joinid, position); a cell masks its k positions of smallest
-    (u, position). One np.sort of packed keys (cell | u | position) over all cells finds each cell's k-th key."""
+    Each position draws 30 hash bits u = fmix(splitmix(joinid ^ key(seed, epoch)) ^ position × φ); a cell masks
+    its k positions of smallest (u, position). One np.sort of packed keys (cell | u | position) finds every
+    cell's k-th key; in-place arithmetic keeps the passes over the tokens few."""
     from scfm_data_service.shuffle import splitmix64
 
     offsets = np.asarray(offsets, dtype=np.int64)
     lens = np.diff(offsets)
     m = int(offsets[-1] - offsets[0])
-    mask = np.zeros(m, dtype=np.uint8)
     if ratio <= 0 or m == 0:
-        return mask
+        return np.zeros(m, dtype=np.uint8)
     if lens.max() > 1 << _POS_BITS:
         raise DataError(f"cells of {lens.max()} tokens exceed the mask's {1 << _POS_BITS}-position limit")
     starts = offsets[:-1] - offsets[0]
@@ -215,22 +216,34 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
     n_genes = lens - 1
     k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
     u_max = np.uint64((1 << _U_BITS) - 1)
+    out = []
     step = 1 << _ROW_BITS
     for a in range(0, len(lens), step):
         b = min(a + step, len(lens))
-        lo, hi = int(starts[a]), int(starts[b - 1] + lens[b - 1])
-        rows = np.repeat(np.arange(b - a, dtype=np.int64), lens[a:b])
-        pos = np.arange(hi - lo, dtype=np.int64) - (starts[a:b] - lo)[rows]
-        u = splitmix64(cell[a:b][rows] ^ pos.astype(np.uint64)) >> np.uint64(64 - _U_BITS)
-        u = np.minimum(u, u_max - np.uint64(1))
-        u[pos == 0] = u_max  # CLS sorts last
-        keys = (rows.astype(np.uint64) << np.uint64(_U_BITS + _POS_BITS)) | (u << np.uint64(_POS_BITS))
-        keys |= pos.astype(np.uint64)
-        srt = np.sort(keys)
+        lo = int(starts[a])
+        cs, ln = starts[a:b] - lo, lens[a:b]
+        pos = np.arange(int(cs[-1] + ln[-1]), dtype=np.uint64)
+        pos -= np.repeat(cs.astype(np.uint64), ln)
+        with np.errstate(over="ignore"):
+            h = pos * _M1
+            h ^= np.repeat(cell[a:b], ln)
+            h ^= h >> np.uint64(33)
+            h *= _M2
+            h ^= h >> np.uint64(33)
+        h >>= np.uint64(64 - _U_BITS)
+        np.minimum(h, u_max - np.uint64(1), out=h)
+        h[cs] = u_max  # CLS sorts last
+        h <<= np.uint64(_POS_BITS)
+        h |= pos
+        del pos
+        base = np.arange(b - a, dtype=np.uint64) << np.uint64(_U_BITS + _POS_BITS)
+        h += np.repeat(base, ln)
+        srt = np.sort(h)
         kk = k[a:b]
-        thr = np.where(kk > 0, srt[np.maximum(starts[a:b] - lo + kk - 1, 0)], 0)
-        mask[lo:hi] = (keys <= thr[rows]) & (kk > 0)[rows]
-    return mask
+        thr = np.where(kk > 0, srt[np.maximum(cs + kk - 1, 0)], base)  # k = 0: below every key of the cell
+        del srt
+        out.append((h <= np.repeat(thr, ln)).view(np.uint8))
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def pad_steps(
@@ -246,25 +259,24 @@ def pad_steps(
     t = np.zeros(n_steps, dtype=np.int64)
     if len(lens):
         np.maximum.at(t, step_of, lens)
-    size = np.diff(s_off) * t
     f_off = np.zeros(n_steps + 1, dtype=np.int64)
-    np.cumsum(size, out=f_off[1:])
+    np.cumsum(np.diff(s_off) * t, out=f_off[1:])
     cell_start = f_off[step_of] + (np.arange(len(lens)) - s_off[step_of]) * t[step_of]
-    rows = np.repeat(np.arange(len(lens)), lens)
-    dest = cell_start[rows] + (np.arange(len(tok)) - c_off[:-1][rows])
+    dest = np.repeat(cell_start - c_off[:-1], lens)
+    dest += np.arange(len(tok), dtype=np.int64)
     total = int(f_off[-1])
-    out = {}
-    m = mask.astype(bool)
-    for name, src, fill, dt in (
-        ("target_gene_ids", tok, PAD_ID, np.int32),
-        ("gene_ids", np.where(m, MASK_ID, tok), PAD_ID, np.int32),
-        ("target_values", val, 0, np.float32),
-        ("values", np.where(m, np.float32(0), val), 0, np.float32),
-        ("mask", mask, 0, np.uint8),
-    ):
-        arr = np.full(total, fill, dtype=dt)
-        arr[dest] = src
-        out[name] = arr
+    m = mask.view(np.bool_)
+    out = {"mask": np.zeros(total, dtype=np.uint8)}
+    out["mask"][dest] = mask
+    out["target_gene_ids"] = np.full(total, PAD_ID, dtype=np.int32)
+    out["target_gene_ids"][dest] = tok
+    out["gene_ids"] = out["target_gene_ids"].copy()
+    out["gene_ids"][out["mask"].view(np.bool_)] = MASK_ID
+    out["target_values"] = np.zeros(total, dtype=np.float32)
+    out["values"] = np.zeros(total, dtype=np.float32)
+    if val.any():  # the rank tokenizer's values are all 0
+        out["target_values"][dest] = val
+        out["values"][dest] = np.where(m, np.float32(0), val)
     return t, f_off, out
 
 

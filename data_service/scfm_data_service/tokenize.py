@@ -46,24 +46,42 @@ def _with_cls(indptr, sel_rows, tokens, values, n_cells) -> tuple[np.ndarray, np
     return offsets, out_t, out_v
 
 
-def _rank_sorted(indptr, rows, genes, counts, median) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, genes) of all entries ordered by (cell, score desc, gene): np.sort of keys cell | ~score | gene."""
+def _rank(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, median: np.ndarray, keep: int):
+    """Rank tokens (offsets, tokens int32, values float32): per cell, genes by (score desc, gene id) after CLS.
+
+    One np.sort of packed uint64 keys cell | ~score bits (float32, 31 bits) | gene per chunk of cells; in-place
+    arithmetic keeps the passes over the nnz entries few."""
     g_bits = max(1, int(len(median) - 1).bit_length())
-    r_bits = 64 - 31 - g_bits  # float32 score of a positive number: 31 bits
-    if r_bits < 1:
+    sh = 31 + g_bits
+    if sh >= 63:
         raise DataError(f"{len(median)} genes are too many for the rank tokenizer's packed sort keys")
-    score = counts.astype(np.float32) / median[genes]
-    inv = (np.uint32(0x7FFFFFFF) - score.view(np.uint32)).astype(np.uint64)  # highest score first
     n_cells = len(indptr) - 1
-    step = 1 << r_bits
-    out_r, out_g = [], []
-    for a in range(0, max(n_cells, 1), step):  # cells per sort bounded by the row field
-        lo, hi = int(indptr[a]), int(indptr[min(a + step, n_cells)])
-        key = ((rows[lo:hi] - a).astype(np.uint64) << np.uint64(31 + g_bits)) | (inv[lo:hi] << np.uint64(g_bits))
-        key = np.sort(key | genes[lo:hi].astype(np.uint64))
-        out_r.append((key >> np.uint64(31 + g_bits)).astype(np.int64) + a)
-        out_g.append((key & np.uint64((1 << g_bits) - 1)).astype(np.int64))
-    return np.concatenate(out_r), np.concatenate(out_g)
+    lens = np.diff(indptr)
+    step = 1 << (64 - sh)
+    parts = []
+    for a in range(0, max(n_cells, 1), step):  # cells per sort bounded by the cell field
+        b = min(a + step, n_cells)
+        lo, hi = int(indptr[a]), int(indptr[b])
+        g = genes[lo:hi]
+        score = np.asarray(counts[lo:hi], dtype=np.float32) / median[g]
+        key = np.subtract(np.uint32(0x7FFFFFFF), score.view(np.uint32)).astype(np.uint64)  # highest first
+        key <<= np.uint64(g_bits)
+        key |= g.astype(np.uint64)
+        key += np.repeat(np.arange(b - a, dtype=np.uint64) << np.uint64(sh), lens[a:b])
+        key.sort()
+        parts.append(key)
+    key = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    tok = (key & np.uint64((1 << g_bits) - 1)).astype(np.int32)
+    tok += N_SPECIAL
+    if len(lens) and lens.max() > keep:  # truncate to the top `keep` genes (rows stay grouped in order)
+        within = np.arange(len(tok)) - np.repeat(indptr[:-1], lens)
+        tok = tok[within < keep]
+        lens = np.minimum(lens, keep)
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(lens + 1, out=offsets[1:])
+    starts = offsets[:-1] - np.arange(n_cells)  # CLS goes before each cell's first token
+    tok = np.insert(tok, starts, np.int32(CLS_ID))
+    return offsets, tok, np.zeros(len(tok), dtype=np.float32)
 
 
 def tokenize(
@@ -82,17 +100,15 @@ def tokenize(
     if max_len < 2:
         raise DataError(f"data.max_len={max_len} leaves no room for genes after CLS; use max_len ≥ 2")
     n_cells = len(indptr) - 1
-    genes = np.asarray(genes, dtype=np.int64)
-    counts = np.asarray(counts, dtype=np.float64)
-    rows = _rows(indptr)
     keep_genes = max_len - 1
     if kind == "rank":
         if gene_median is None:
             raise DataError("rank tokenizer needs the atlas gene medians (ingest computes them)")
-        rows_s, genes_s = _rank_sorted(indptr, rows, genes, counts, np.asarray(gene_median, dtype=np.float32))
-        within = np.arange(len(rows_s)) - indptr[rows_s]
-        keep = within < keep_genes
-        return _with_cls(indptr, rows_s[keep], (genes_s[keep] + N_SPECIAL).astype(np.int32), 0.0, n_cells)
+        indptr = np.asarray(indptr, dtype=np.int64)
+        return _rank(indptr, np.asarray(genes), counts, np.asarray(gene_median, dtype=np.float32), keep_genes)
+    genes = np.asarray(genes, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float64)
+    rows = _rows(indptr)
 
     if n_bins < 2:
         raise DataError(f"data.n_bins={n_bins} is too small; the binned tokenizer needs n_bins ≥ 2")
