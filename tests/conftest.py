@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def repo_root() -> Path:
     """The repository root (where pyproject.toml is)."""
     return REPO
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_between_modules() -> Iterator[None]:
+    """Each test module starts Ray as it needs; none inherits another module's session."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -12,9 +12,11 @@ import importlib
 import sys
 
 # The CLI surface, in the order `launch --help` lists it. tests/unit/test_cli_surface.py pins it.
-COMMANDS: tuple[str, ...] = ("atlas", "validate", "compare", "submit", "status", "logs", "cancel")
+COMMANDS: tuple[str, ...] = ("run", "atlas", "validate", "compare", "submit", "status", "logs", "cancel")
 
 EPILOG = """examples:
+  launch run configs/demo.yaml train.steps=50
+  launch run configs/demo.yaml --resume
   launch atlas demo atlases/demo --synthetic-cells 3000
   launch validate configs/demo.yaml model.attention=softmax
   launch compare --experiment scfm --metric val_loss

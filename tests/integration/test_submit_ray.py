@@ -7,9 +7,7 @@ processes this test started (never `ray stop`, which would end every Ray on the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
 import os
 import re
 import signal
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from scfm_launch.cli import main
 from scfm_launch.errors import UsageError
 from scfm_launch.jobs import ray_jobs
 
@@ -37,17 +36,8 @@ def free_port() -> int:
 
 
 def launch(*argv: str) -> int:
-    """A subcommand as `launch` runs it: UsageError -> exit 2."""
-    parser = argparse.ArgumentParser(prog="launch")
-    sub = parser.add_subparsers(dest="command")
-    for name in ("submit", "status", "logs", "cancel"):
-        importlib.import_module(f"scfm_launch.commands.{name}").register(sub)
-    args = parser.parse_args(list(argv))
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"launch {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """The `launch` CLI in-process (bad input: one line on stderr, exit 2)."""
+    return main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +47,9 @@ def ray_head() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="scfm-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # Ray turns token authentication on by default when the head's node address is not loopback-only; this
+    # head listens on 127.0.0.1 only, so the test opts out (a cluster with tokens needs RAY_AUTH_TOKEN set).
+    env["RAY_AUTH_MODE"] = "disabled"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port=0", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", "--num-cpus=2", "--num-gpus=0",
            "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
@@ -90,19 +83,31 @@ def ray_head() -> Iterator[str]:
 
 
 def test_submit_run_follow_to_succeeded(ray_head: str, capsys: pytest.CaptureFixture[str]) -> None:
-    # `launch run` has not landed yet: the job is `launch validate` of the demo config with an override, through
-    # the same submission path (`launch submit --address` sends `launch run CONFIG ...` instead).
-    entrypoint = ray_jobs.launch_command(["validate", "configs/demo.yaml", "train.steps=3"])
-    job_id = ray_jobs.submit(ray_head, "demo", entrypoint)
+    # A real `launch run` of the demo config on the Ray cluster: one worker, three steps, synthetic cells (the
+    # uploaded project carries no atlas), its own local MLflow inside the job.
+    overrides = [
+        "data.atlas=synthetic:200",
+        "train.steps=3",
+        "train.val_every=0",
+        "train.checkpoint_every=0",
+        "resources.num_workers=1",
+        "resources.cpus_per_worker=0.5",
+        "data.max_len=64",
+        "data.tokens_per_batch=1024",
+    ]
+    assert launch("submit", "configs/demo.yaml", "--target", "ray", "--address", ray_head, *overrides) == 0
+    out = capsys.readouterr().out
+    job_id = re.search(r"^job: (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
     assert job_id.startswith("demo-")
-    assert ray_jobs.wait(ray_head, job_id, timeout=120) == "SUCCEEDED", ray_jobs.logs(ray_head, job_id, False)
+    assert "python -m scfm_launch run configs/demo.yaml data.atlas=synthetic:200" in out
+    assert ray_jobs.wait(ray_head, job_id, timeout=300) == "SUCCEEDED", ray_jobs.logs(ray_head, job_id, False)
 
     assert launch("status", job_id, "--address", ray_head) == 0
     out = capsys.readouterr().out
-    assert "status:     SUCCEEDED" in out and "python -m scfm_launch validate configs/demo.yaml" in out
+    assert "status:     SUCCEEDED" in out and "python -m scfm_launch run configs/demo.yaml" in out
     assert launch("logs", job_id, "-f", "--address", ray_head) == 0  # a finished job: follow returns
     logs = capsys.readouterr().out
-    assert "steps: 3" in logs and "name: demo" in logs
+    assert re.search(r"^run \S+ \(\w+\): step 3 ", logs, re.M), logs[-3000:]
 
 
 def test_uploaded_project_runs_and_cancel_stops_it(ray_head: str, capsys: pytest.CaptureFixture[str]) -> None:

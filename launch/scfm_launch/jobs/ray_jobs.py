@@ -78,19 +78,28 @@ def config_arg(config: str | Path, root: Path = ROOT) -> str:
         ) from None
 
 
+AGENT_WAIT_S = 60.0  # how long to wait for a freshly started head's job agent
+
+
 def submit(address: str, name: str, entrypoint: str, root: Path = ROOT) -> str:
     """Submit `entrypoint` with the project as working dir; returns the submission id."""
     submission_id = f"{job_name(name)[:30]}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     c = client(address)
-    try:
-        return c.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env=runtime_env(root),
-            metadata={"scfm.name": name},
-        )
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"the Ray cluster at {address} refused the job: {str(e).strip()[:500]}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=runtime_env(root),
+                metadata={"scfm.name": name},
+            )
+        except (RuntimeError, ValueError) as e:
+            # A head that has just started answers 500 "No available agent" until its job agent is up.
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise UsageError(f"the Ray cluster at {address} refused the job: {str(e).strip()[:500]}") from None
 
 
 def _info(c: Any, address: str, job_id: str) -> Any:
