@@ -202,6 +202,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # odd values OmegaConf does not wrap
+        raise ConfigError(f"invalid config value: {_first_line(e)}") from None
     validate(cfg)
     return cfg
 
@@ -216,7 +218,7 @@ def validate(cfg: RunConfig) -> None:
     for key, (low, high, inclusive) in RANGES.items():
         value = _get(cfg, key)
         too_low = value < low if inclusive else value <= low
-        if too_low or (high is not None and value > high):
+        if too_low or (high is not None and value > high) or value != value:  # value != value: NaN
             bound = f"≥ {low}" if inclusive else f"> {low}"
             bound += f" and ≤ {high}" if high is not None else ""
             raise ConfigError(f"{key}={value!r} is out of range; it must be {bound}")
@@ -290,10 +292,17 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e)) from None
+    except Exception as e:  # YAML errors in a value come in many types
+        raise ConfigError(f"override value is not valid YAML ({_first_line(e)}) in: {' '.join(overrides)!r}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
 
 
 def _describe(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None) or ""
+    key = str(getattr(e, "full_key", None) or "").replace("\n", "\\n")
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     name = type(e).__name__
     if name == "ConfigKeyError" or "not in struct" in msg:
