@@ -2,9 +2,10 @@
 
 A checkpoint directory holds DeepSpeed's tag folder `ds/` (model, ZeRO optimizer partitions, LR scheduler), one
 `rng_rank{r}.pt` per rank (python, numpy, torch and CUDA generators) and `train_state.json` (step, epoch and the
-position in the epoch's batch stream). Every rank writes its own files into a local temporary directory and
-reports it; Ray Train merges them into one directory in storage. Resuming loads all of it back, so the next
-steps are the ones an uninterrupted run would have taken.
+position in the epoch's batch stream), and `run.json` (the resolved run config, vocabulary size and MLflow run:
+what `load_model_for_inference` rebuilds the model from). Every rank writes its own files into a local temporary
+directory and reports it; Ray Train merges them into one directory in storage. Resuming loads all of it back, so the
+next steps are the ones an uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import json
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 TAG = "ds"
 STATE_FILE = "train_state.json"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -30,13 +34,18 @@ class TrainState:
     step_in_epoch: int = 0  # batches of `epoch` already consumed
 
 
-def save(engine, state: TrainState, rank: int) -> Path:
-    """Write this rank's part of a checkpoint into a new temporary directory and return it (collective)."""
+def save(engine, state: TrainState, rank: int, *, run: Mapping[str, Any] | None = None) -> Path:
+    """Write this rank's part of a checkpoint into a new temporary directory and return it (collective).
+
+    `run`: {"config": to_dict(cfg), "tracking": {"uri", "run_id"}} (the train loop's payload); by default taken
+    from the Ray Train context this runs in. Rank 0 writes it, with the vocabulary size, to `run.json`.
+    """
     path = Path(tempfile.mkdtemp(prefix="scfm-ckpt-"))
     engine.save_checkpoint(str(path), tag=TAG, client_state={"train_state": asdict(state)})
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (path / RUN_FILE).write_text(json.dumps(_run_info(engine, run if run is not None else _payload()), indent=1))
     return path
 
 
@@ -52,9 +61,41 @@ def load(engine, path: str | Path, rank: int) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 
+def load_model_for_inference(path, cfg=None, *, device=None):
+    """The model of a checkpoint (or a run's newest one) in eval mode, its RunConfig and MLflow run id.
+
+    See `scfm_platform.inference.load_model_for_inference` (imported lazily: DeepSpeed is only needed there).
+    """
+    from scfm_platform.inference import load_model_for_inference as load_
+
+    return load_(path, cfg, device=device)
+
+
 def discard(path: Path) -> None:
     """Remove a local temporary checkpoint directory once Ray Train has persisted it."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _payload() -> Mapping[str, Any]:
+    """The train loop's payload (train_loop_config) from the Ray Train context, or {} outside one."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().train_run_context.train_loop_config or {}
+    except Exception:  # not under Ray Train v2 (or its internals moved): run.json then holds what the model knows
+        return {}
+
+
+def _run_info(engine, run: Mapping[str, Any]) -> dict[str, Any]:
+    module = getattr(engine, "module", engine)
+    dims = getattr(module, "dims", None)
+    tracking = run.get("tracking") or {}
+    info: dict[str, Any] = {"tracking_uri": tracking.get("uri"), "run_id": tracking.get("run_id")}
+    if dims is not None:
+        info["vocab_size"] = dims.vocab_size
+    if run.get("config") is not None:
+        info["config"] = run["config"]
+    return info
 
 
 def _rng_state() -> dict:

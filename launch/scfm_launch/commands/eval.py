@@ -8,18 +8,26 @@ import argparse
 from scfm_launch.commands._common import subparser
 
 HELP = "embed cells with a checkpoint and score cell-type separation (ASW, kNN, Leiden NMI/ARI, UMAP)"
-EXAMPLES = """  launch eval runs/demo/checkpoint_000002 --data data/atlas
-  launch eval runs/ablation-sigmoid/checkpoint_000010 --data /data/pbmc_atlas --label cell_type --out eval/sigmoid
+EXAMPLES = """  launch eval runs/demo/run-20260101-120000-000/checkpoint_00000050 --data atlases/demo
+  launch eval runs/demo --data atlases/demo            (newest checkpoint of the newest run of job 'demo')
+  launch eval runs/ablation-sigmoid/run-*/ --data /data/pbmc_atlas --label cell_type --out eval/sigmoid
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = subparser(sub, "eval", HELP, EXAMPLES)
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory written by `launch run`")
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="checkpoint directory written by `launch run` (runs/<name>/run-*/checkpoint_N), or a run directory "
+        "(runs/<name>/run-*) or job directory (runs/<name>): its newest checkpoint",
+    )
     p.add_argument("--data", required=True, metavar="ATLAS", help="SOMA atlas whose cells to embed and score")
     p.add_argument("--label", default="cell_type", help="obs column with the cell-type labels (default: cell_type)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: eval/<checkpoint name>)")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the run config's, else local)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: eval/<run>-<checkpoint>)")
+    p.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the one the checkpoint's run logged to)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the kNN graph, Leiden, UMAP and CV folds")
     p.set_defaults(func=run)
 
@@ -30,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from scfm_platform.eval.evaluate import evaluate_checkpoint, scores_table
+    from scfm_platform.inference import find_checkpoint
 
-    out = Path(args.out) if args.out else Path("eval") / Path(args.checkpoint).resolve().name
+    ckpt = find_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else Path("eval") / f"{ckpt.parent.name}-{ckpt.name}"
     res = evaluate_checkpoint(
-        args.checkpoint, args.data, out_dir=out, label=args.label, tracking_uri=args.tracking_uri, seed=args.seed
+        ckpt, args.data, out_dir=out, label=args.label, tracking_uri=args.tracking_uri, seed=args.seed
     )
     console = Console()
     console.print(scores_table(res.scores))

@@ -10,7 +10,8 @@ Output directory layout: embeddings.zarr, embeddings.h5ad, umap.png, scores.json
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,38 +134,82 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`.
 
-    Seams it relies on: `scfm_platform.checkpoint.load_model_for_inference(path) -> (model, RunConfig,
-    run_id | None)` (not written yet: checkpoints are DeepSpeed directories), `scfm_platform.data.batches(...,
-    split="all")` (every cell once, in whatever order) and `scfm_data_service.read_obs(uri, columns)`.
+    `checkpoint`: a checkpoint directory, or a run directory (its newest checkpoint). Scores go to the MLflow run
+    that trained the checkpoint, at `tracking_uri`, else the URI it trained with; when that was the local server
+    `launch run` starts (and stopped), the same store is served again from `tracking.local_dir` for the logging.
     """
     from dataclasses import replace
 
-    from scfm_data_service import read_obs  # type: ignore[attr-defined]
-    from scfm_platform.checkpoint import load_model_for_inference  # type: ignore[attr-defined]
+    from scfm_data_service import read_obs
+    from scfm_platform.checkpoint import load_model_for_inference
     from scfm_platform.data import batches as data_batches
+    from scfm_platform.data import vocab_size
+    from scfm_platform.inference import find_checkpoint, read_run_info
 
     if str(data).endswith(".h5ad"):
         raise RunError("evaluating an .h5ad file directly is not supported yet; ingest it into an atlas first")
-    model, cfg, source_run = load_model_for_inference(checkpoint)
-    data_cfg = replace(cfg.data, atlas=data, tokens=None)
+    ckpt = find_checkpoint(checkpoint)
+    model, cfg, source_run = load_model_for_inference(ckpt)
+    data_cfg = replace(cfg.data, atlas=str(data), tokens=None, engine="local")
+    n_vocab = vocab_size(data_cfg)
+    if n_vocab != model.dims.vocab_size:
+        raise RunError(
+            f"{data}: its gene vocabulary gives {n_vocab} tokens but {ckpt} was trained with {model.dims.vocab_size}; "
+            "evaluate on an atlas with the training atlas's genes"
+        )
     batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
     joinids, X = embed_cells(model, batches)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
-    tags = {runs.CHECKPOINT_TAG: str(Path(checkpoint).resolve()), "scfm.eval_data": str(data)}
+    tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": str(data)}
     if source_run:
         tags[runs.SOURCE_RUN_TAG] = source_run
-    return evaluate_embeddings(
-        joinids,
-        X,
-        obs,
-        out_dir=out_dir,
-        label=label,
-        seed=seed,
-        tracking_uri=tracking_uri or cfg.tracking.uri,
-        run_id=source_run,
-        experiment=cfg.tracking.experiment,
-        tags=tags,
-    )
+    with _tracking(tracking_uri, read_run_info(ckpt).get("tracking_uri"), cfg) as uri:
+        return evaluate_embeddings(
+            joinids,
+            X,
+            obs,
+            out_dir=out_dir,
+            label=label,
+            seed=seed,
+            tracking_uri=uri,
+            run_id=_existing_run(uri, source_run),
+            experiment=cfg.tracking.experiment,
+            tags=tags,
+        )
+
+
+def _existing_run(uri: str | None, run_id: str | None) -> str | None:
+    """`run_id` if the store at `uri` has it; else None: the scores go to a new run tagged with the source run."""
+    if run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        runs.client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
+
+
+@contextmanager
+def _tracking(given: str | None, recorded: str | None, cfg: Any) -> Iterator[str | None]:
+    """The tracking URI to log to: `given`, else the one the run recorded (serving the local store again if it was
+    `launch run`'s own server and it is gone), else `runs.resolve_tracking_uri()`'s default (None)."""
+    if given:
+        yield given
+        return
+    uri = recorded or cfg.tracking.uri
+    if uri and uri.startswith("http") and cfg.tracking.uri is None:
+        from scfm_platform.tracking import LocalServer, healthy
+
+        if not healthy(uri):
+            server = LocalServer(cfg.tracking.local_dir, cfg.tracking.local_port)
+            try:
+                yield server.start()
+            finally:
+                server.stop()
+            return
+    yield uri
 
 
 def training_scores(

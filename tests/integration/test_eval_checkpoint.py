@@ -1,0 +1,139 @@
+"""`launch eval` on a real checkpoint: a tiny 1-worker DeepSpeed ZeRO-2 Ray Train run on a small demo atlas, then
+eval embeds every cell, writes zarr + h5ad + UMAP PNG, prints the scores table and logs them to the training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from scfm_platform.config import load_config  # noqa: E402
+from scfm_platform.errors import RunError  # noqa: E402
+from scfm_platform.tracking import LocalServer  # noqa: E402
+
+TRAIN = [
+    "name=evalckpt",
+    "model.preset=tiny",
+    "data.max_len=64",
+    "data.tokens_per_batch=1024",
+    "data.max_cells_per_batch=16",
+    "data.read_workers=1",
+    "train.steps=4",
+    "train.checkpoint_every=4",
+    "train.warmup_steps=1",
+    "train.val_every=0",
+    "deepspeed.zero_stage=2",
+    "resources.num_workers=1",
+    "resources.use_gpu=false",
+    "resources.cpus_per_worker=1",
+    "resources.max_failures=0",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(atlas, checkpoint, training result, tracking URI): one tiny training run with a real MLflow server."""
+    from scfm_data_service import build_demo_atlas
+    from scfm_platform.trainer import train
+
+    if ray.is_initialized():
+        ray.shutdown()
+    atlas = str(tmp_path_factory.mktemp("atlas") / "demo")
+    build_demo_atlas(atlas, synthetic_cells=300)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    server = LocalServer(tmp_path_factory.mktemp("mlflow"))
+    uri = server.start()
+    out = tmp_path_factory.mktemp("runs")
+    try:
+        cfg = load_config(None, [f"data.atlas={atlas}", f"train.output_dir={out}", *TRAIN])
+        res = train(cfg, progress=False, print_fn=lambda *_: None, tracking_uri=uri)
+        ray.shutdown()  # eval needs no Ray: the data service's local engine reads the atlas
+        yield atlas, res.checkpoint, res, uri
+    finally:
+        server.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _launch(argv: list[str]) -> int:
+    """`launch eval ...` through the CLI when it registers eval, else through the command module's own parser."""
+    from scfm_launch import cli
+    from scfm_launch.commands import eval as eval_cmd
+
+    if "eval" in cli.COMMANDS:
+        return cli.main(argv)
+    parser = argparse.ArgumentParser(prog="launch")
+    eval_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def test_checkpoint_holds_run_config(trained):
+    _, ckpt, res, uri = trained
+    info = json.loads((ckpt / "run.json").read_text())
+    assert info["run_id"] == res.mlflow_run_id and info["tracking_uri"] == uri
+    assert info["config"]["model"]["preset"] == "tiny" and info["vocab_size"] > 3
+
+
+def test_launch_eval_end_to_end(trained, tmp_path, capsys):
+    import anndata as ad
+    import matplotlib.image as mpimg
+    from mlflow import MlflowClient
+
+    import scfm_data_service
+    from scfm_platform.eval.embed import read_zarr
+
+    atlas, ckpt, res, uri = trained
+    out = tmp_path / "eval"
+    # the run directory stands for its newest checkpoint
+    assert _launch(["eval", str(ckpt.parent), "--data", atlas, "--label", "cell_type", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "asw_label" in printed and "knn_accuracy" in printed and res.mlflow_run_id in printed
+
+    obs = scfm_data_service.read_obs(atlas, ["cell_type"])  # every cell of the atlas (indexed by soma_joinid)
+    assert len(obs) == 700 + 300
+    joinids, X, attrs = read_zarr(out / "embeddings.zarr")
+    assert X.shape == (len(obs), 64) and X.dtype == np.float32 and np.isfinite(X).all()
+    assert np.array_equal(np.sort(joinids), np.sort(obs.index.to_numpy()))  # every cell exactly once
+    assert len(np.unique(joinids)) == len(joinids) and attrs["label"] == "cell_type"
+    a = ad.read_h5ad(out / "embeddings.h5ad")
+    assert a.obsm["X_scfm"].shape == X.shape and np.array_equal(a.obs["soma_joinid"].to_numpy(), joinids)
+    img = mpimg.imread(out / "umap.png")
+    assert img.ndim == 3 and img.shape[0] > 100
+    scores = json.loads((out / "scores.json").read_text())
+    assert 0.0 <= scores["knn_accuracy"] <= 1.0
+
+    run = MlflowClient(tracking_uri=uri).get_run(res.mlflow_run_id)  # the training run itself
+    assert run.data.metrics["eval/knn_accuracy"] == pytest.approx(scores["knn_accuracy"])
+    assert run.data.tags["scfm.checkpoint"] == str(ckpt)
+    assert run.info.status == "FINISHED"
+
+
+def test_loads_strict_and_rejects_another_model_size(trained):
+    from dataclasses import replace
+
+    import torch
+
+    from scfm_platform.checkpoint import load_model_for_inference
+
+    _, ckpt, res, _ = trained
+    model, cfg, run_id = load_model_for_inference(ckpt, device="cpu")
+    assert run_id == res.mlflow_run_id and not model.training and cfg.model.preset == "tiny"
+    ds = torch.load(next((ckpt / "ds").glob("mp_rank_*model_states.pt")), map_location="cpu", weights_only=False)
+    for k, v in model.state_dict().items():  # the trained weights, not a fresh init
+        assert torch.equal(v, ds["module"][k].float()), k
+
+    small = replace(cfg, model=replace(cfg.model, preset="small"))
+    with pytest.raises(RunError) as e:
+        load_model_for_inference(ckpt, small)
+    msg = str(e.value)
+    assert "\n" not in msg and str(ckpt) in msg and "model.preset=small" in msg and "dim 64" in msg
+
+    with pytest.raises(RunError, match="not a checkpoint"):
+        load_model_for_inference(ckpt / "ds")
