@@ -20,6 +20,8 @@ from scfm_platform.tracking import LocalServer  # noqa: E402
 TRAIN = [
     "name=evalckpt",
     "model.preset=tiny",
+    "model.attention=softmax",  # the eval path is attention-agnostic; interpreted Triton would cost minutes on CI
+    "data.engine=local",  # the same read/tokenize code in the worker: no Ray Data pipeline to start
     "data.max_len=64",
     "data.tokens_per_batch=1024",
     "data.max_cells_per_batch=16",
