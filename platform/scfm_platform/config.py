@@ -7,6 +7,7 @@ naming the key and what is allowed. Each component owns one nested dataclass; ev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,41 @@ def flatten(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+# Keys whose values are secrets (matched on `_`/`.`/`-`-separated parts of the key, so `data.tokens` is not one).
+SECRET_KEY = re.compile(
+    r"(^|[._-])(password|passwd|secret|token|api_key|apikey|access_key|credentials?)([._-]|$)", re.IGNORECASE
+)
+_URI_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+MASK = "***"
+
+
+def redact_uri(text: str) -> str:
+    """`https://user:pw@host/x` → `https://***@host/x` (anywhere in `text`)."""
+    return _URI_USERINFO.sub(rf"\1{MASK}@", text)
+
+
+def redacted(flat: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a flat or nested config dict with secret-looking keys masked and URI credentials stripped."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        if isinstance(v, dict):
+            out[k] = redacted(v)
+        elif SECRET_KEY.search(str(k)) and v not in (None, "", "None"):
+            out[k] = MASK
+        elif isinstance(v, str):
+            out[k] = redact_uri(v)
+        elif isinstance(v, list):
+            out[k] = [redact_uri(x) if isinstance(x, str) else x for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+def redacted_yaml(cfg: RunConfig) -> str:
+    """`to_yaml(cfg)` with secrets masked: what `launch validate` prints and MLflow stores."""
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(to_dict(cfg))))
+
+
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -364,6 +400,9 @@ __all__ = [
     "TrainConfig",
     "from_dict",
     "load_config",
+    "redact_uri",
+    "redacted",
+    "redacted_yaml",
     "to_dict",
     "to_yaml",
 ]

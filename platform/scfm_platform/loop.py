@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from scfm_data_service import schema
 from scfm_platform import checkpoint, data
 from scfm_platform.checkpoint import TrainState
-from scfm_platform.config import RunConfig, flatten, from_dict, to_yaml
+from scfm_platform.config import RunConfig, flatten, from_dict, redacted, redacted_yaml
 from scfm_platform.engine import grad_norms, initialize
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
@@ -53,6 +54,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     guard, timer = DivergenceGuard(cfg.train.divergence_factor), StepTimer()
     peak = peak_flops(device, cfg.train.peak_tflops) * world
     stream = _stream(cfg, rank, world, state, per_epoch)
+    stop_file = Path(payload["stop_file"]) if payload.get("stop_file") else None
     while state.step < end:
         t_ask = time.perf_counter()
         epoch, pos, batch = next(stream)
@@ -67,7 +69,9 @@ def train_loop(payload: dict[str, Any]) -> None:
         binned = obj != "gene" and dims.value_encoding == "binned"
         flops = batch_flops(dims, batch[schema.SEQ_LENS], n_masked, gene_head=obj != "value", binned_value=binned)
         lens = batch[schema.SEQ_LENS]
-        sums = _all_sum([loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values())])
+        asked = float(stop_file is not None and stop_file.exists())  # driver got SIGINT/SIGTERM
+        sums = _all_sum([loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values()), asked])
+        interrupted = sums.pop() > 0  # summed over ranks: all of them stop at the same step
         loss_mean = sums[0] / world
         reason = guard.check(loss_mean, gnorm)
         if reason is not None:
@@ -90,11 +94,14 @@ def train_loop(payload: dict[str, Any]) -> None:
         if rank == 0 and cfg.eval.every and state.step % cfg.eval.every == 0:
             metrics.update(_evaluate(engine, cfg))
         save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
+        save = save or interrupted
         if log is not None:
             log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
         if save or state.step % cfg.train.log_every == 0:
             _report(engine, metrics, state, rank, save)
         timer.lap()  # validation and checkpoint time is not the next step's
+        if interrupted:
+            break
     if log is not None:
         log.close()
 
@@ -199,8 +206,8 @@ def _logger(cfg: RunConfig, payload: dict[str, Any], state: TrainState):
 
     log = RunLogger(tracking["uri"], tracking["run_id"])
     if state.step == 0:
-        log.log_params(flatten(cfg))
-        log.log_text(to_yaml(cfg), "config.yaml")
+        log.log_params(redacted(flatten(cfg)))  # no passwords, tokens or URI credentials in MLflow
+        log.log_text(redacted_yaml(cfg), "config.yaml")
         tags = {"scfm.attention": cfg.model.attention, "scfm.preset": cfg.model.preset}
         if payload.get("git_commit"):
             tags["mlflow.source.git.commit"] = payload["git_commit"]

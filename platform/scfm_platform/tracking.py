@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from scfm_platform.config import redact_uri
 from scfm_platform.errors import RunError
 
 MAX_PENDING = 200_000  # metric points kept while the server is unreachable
@@ -108,7 +109,8 @@ def create_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, 
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
     except Exception as e:
-        raise RunError(f"cannot create an MLflow run at {uri}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        msg = redact_uri(str(e).splitlines()[0] if str(e) else repr(e))
+        raise RunError(f"cannot create an MLflow run at {redact_uri(uri)}: {msg}") from None
     return run.info.run_id, run.info.run_name
 
 
@@ -123,7 +125,7 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, 
             client.set_tag(run_id, k, v)
         client.set_terminated(run_id, status=status)
     except Exception as e:
-        warnings.warn(f"MLflow: could not close run {run_id}: {e}", stacklevel=2)
+        warnings.warn(f"MLflow: could not close run {run_id}: {redact_uri(str(e))}", stacklevel=2)
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -146,7 +148,7 @@ class RunLogger:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        self.uri, self.run_id = uri, run_id
+        self.uri, self.run_id = redact_uri(uri), run_id  # self.uri only names the server in warnings
         self._q: queue.Queue = queue.Queue()
         self._system = system_metrics
         self._stop = threading.Event()
@@ -220,7 +222,7 @@ class RunLogger:
                     outage, backoff = False, 1.0
                 except Exception as e:
                     if not outage:
-                        msg = str(e).splitlines()[0] if str(e) else repr(e)
+                        msg = redact_uri(str(e).splitlines()[0] if str(e) else repr(e))
                         warnings.warn(
                             f"MLflow at {self.uri} unreachable ({msg}); training goes on, logs are kept and retried",
                             stacklevel=1,

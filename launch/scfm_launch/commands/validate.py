@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scfm_platform.config import to_yaml
+    from scfm_platform.config import redacted_yaml
 
     cfg = load_run_config(args)
-    print(to_yaml(cfg), end="")
+    print(redacted_yaml(cfg), end="")  # secrets masked, URI credentials stripped
     return 0
