@@ -91,6 +91,9 @@ def _step_table(unit: Unit, cell_off: np.ndarray, names: tuple[str, str], a: np.
     )
 
 
+_MAX_RANGE_READS = 8  # a few small runs are read as ranges; more go in one point read (each query costs ~50 ms)
+
+
 @dataclass(frozen=True)
 class AtlasReader:
     """Raw counts of cells from the atlas X layer."""
@@ -116,33 +119,47 @@ class AtlasReader:
         )
 
     def read_csr(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr int64 [n+1], genes int32 [nnz], counts float32 [nnz]) of `cells`, in that order."""
+        """(indptr int64 [n+1], genes int32 [nnz], counts float32 [nnz]) of `cells`, in that order.
+
+        Runs of joinids (gaps ≤ 64) are read as ranges; only when a unit has very many small runs are those read
+        as one point read (TileDB point reads over many fragments are slow).
+        Reads are unordered (several times faster than row-major); each part's rows are grouped by a counting
+        pass (radix argsort on small local row ids) instead of a global sort."""
         uniq = np.unique(cells)
-        # dense runs of joinids (gaps ≤ 64) are read as ranges, the scattered rest as one point read; unordered
-        # reads are several times faster than row-major ones, rows are grouped here instead
-        brk = np.flatnonzero(np.diff(uniq) > 64) + 1
-        runs = np.split(uniq, brk)
-        parts, points = [], []
-        for run in runs:
-            if len(run) >= 256:
-                parts.append(self._read(slice(int(run[0]), int(run[-1]))))
+        runs = np.split(uniq, np.flatnonzero(np.diff(uniq) > 64) + 1)
+        small = [r for r in runs if len(r) < 256]
+        few = len(small) <= _MAX_RANGE_READS
+        parts = [(r, slice(int(r[0]), int(r[-1]))) for r in runs if len(r) >= 256 or few]
+        if small and not few:
+            pts = np.concatenate(small)
+            parts.append((pts, pts))
+        start_u = np.zeros(len(uniq), dtype=np.int64)
+        len_u = np.zeros(len(uniq), dtype=np.int64)
+        all_g, all_c, base = [], [], 0
+        for need, coords in parts:
+            rows, g, c = self._read(coords)
+            if isinstance(coords, slice):
+                n_ids, local, pos = coords.stop - coords.start + 1, rows - coords.start, need - coords.start
             else:
-                points.append(run)
-        if points:
-            parts.append(self._read(np.concatenate(points)))
-        rows = np.concatenate([p[0] for p in parts])
-        genes = np.concatenate([p[1] for p in parts])
-        counts = np.concatenate([p[2] for p in parts])
-        if len(rows) > 1 and (np.diff(rows) < 0).any():
-            order = np.argsort(rows, kind="stable")
-            rows, genes, counts = rows[order], genes[order], counts[order]
-        lo = np.searchsorted(rows, uniq, side="left")
-        hi = np.searchsorted(rows, uniq, side="right")
+                n_ids, local, pos = len(need), np.searchsorted(need, rows), np.arange(len(need))
+            if len(local) > 1 and (np.diff(local) < 0).any():
+                order = np.argsort(local.astype(np.uint16 if n_ids <= 1 << 16 else np.int64), kind="stable")
+                g, c = g[order], c[order]
+            ip = np.zeros(n_ids + 1, dtype=np.int64)
+            np.cumsum(np.bincount(local, minlength=n_ids), out=ip[1:])
+            at = np.searchsorted(uniq, need)
+            start_u[at] = base + ip[pos]
+            len_u[at] = ip[pos + 1] - ip[pos]
+            all_g.append(g)
+            all_c.append(c)
+            base += len(g)
+        genes = np.concatenate(all_g) if all_g else np.zeros(0, np.int32)
+        counts = np.concatenate(all_c) if all_c else np.zeros(0, np.float32)
         sel = np.searchsorted(uniq, cells)
-        lens = (hi - lo)[sel]
+        lens = len_u[sel]
         out = np.zeros(len(cells) + 1, dtype=np.int64)
         np.cumsum(lens, out=out[1:])
-        idx = np.repeat(lo[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
+        idx = np.repeat(start_u[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
         return out, genes[idx], counts[idx]
 
     def read(self, unit: Unit) -> pa.Table:
