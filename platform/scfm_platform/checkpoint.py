@@ -87,14 +87,17 @@ def _payload() -> Mapping[str, Any]:
 
 
 def _run_info(engine, run: Mapping[str, Any]) -> dict[str, Any]:
+    from scfm_platform.config import redact_uri, redacted  # no passwords or URI credentials in checkpoints
+
     module = getattr(engine, "module", engine)
     dims = getattr(module, "dims", None)
     tracking = run.get("tracking") or {}
-    info: dict[str, Any] = {"tracking_uri": tracking.get("uri"), "run_id": tracking.get("run_id")}
+    uri = tracking.get("uri")
+    info: dict[str, Any] = {"tracking_uri": redact_uri(uri) if uri else uri, "run_id": tracking.get("run_id")}
     if dims is not None:
         info["vocab_size"] = dims.vocab_size
     if run.get("config") is not None:
-        info["config"] = run["config"]
+        info["config"] = redacted(dict(run["config"]))
     return info
 
 
