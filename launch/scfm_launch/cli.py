@@ -12,13 +12,14 @@ import importlib
 import sys
 
 # The CLI surface, in the order `launch --help` lists it. tests/unit/test_cli_surface.py pins it.
-COMMANDS: tuple[str, ...] = ("run", "atlas", "validate", "compare", "submit", "status", "logs", "cancel")
+COMMANDS: tuple[str, ...] = ("run", "atlas", "validate", "eval", "compare", "submit", "status", "logs", "cancel")
 
 EPILOG = """examples:
   launch run configs/demo.yaml train.steps=50
   launch run configs/demo.yaml --resume
   launch atlas demo atlases/demo --synthetic-cells 3000
   launch validate configs/demo.yaml model.attention=softmax
+  launch eval runs/demo --data atlases/demo --label cell_type
   launch compare --experiment scfm --metric val_loss
   launch submit configs/h200_160m_8k.yaml --dry-run
   launch submit configs/demo.yaml --target ray --address http://127.0.0.1:8265

@@ -15,7 +15,7 @@ from scfm_launch.cli import COMMANDS, build_parser
 REPO = Path(__file__).resolve().parents[2]
 
 # The CLI surface. Change this list only when a subcommand really works end to end.
-EXPECTED = ("run", "atlas", "validate", "compare", "submit", "status", "logs", "cancel")
+EXPECTED = ("run", "atlas", "validate", "eval", "compare", "submit", "status", "logs", "cancel")
 HEAVY = ("torch", "ray", "deepspeed", "tiledbsoma", "mlflow", "triton", "zarr", "scanpy", "anndata", "kubernetes")
 
 
