@@ -5,8 +5,11 @@
 Both read the same atlas with shuffling on and the same cells per batch: the scfm stream (Ray Data pipeline,
 engine=ray, rank 0 of 1) with max_cells_per_batch = batch size and a token budget that never binds, tiledbsoma-ml
 with batch_size = batch size. Reported: cells/s and tokens/s (non-padded tokens for scfm; expressed genes for
-tiledbsoma-ml), measured after the first batch. Also the zarr token-cache path, and the padding fraction of
-length-bucketed vs unbucketed batches under the default token budget. tiledbsoma-ml is a bench-only dependency.
+tiledbsoma-ml) over the batches after the first, plus first-batch latency and cells/s including start-up.
+tiledbsoma-ml runs before and after the scfm stream (atlas and zarr token-cache paths) so load changes hit both;
+a last row adds what a consumer needs on top of tiledbsoma-ml (scfm tokenize, masks, padding of its dense rows).
+Also the padding fraction of length-bucketed vs unbucketed batches under the default token budget.
+tiledbsoma-ml is a bench-only dependency.
 """
 
 from __future__ import annotations
