@@ -9,6 +9,7 @@ checkpoint directory or None; a checkpoint Ray Train hands back after a worker f
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -55,6 +56,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     peak = peak_flops(device, cfg.train.peak_tflops) * world
     stream = _stream(cfg, rank, world, state, per_epoch)
     stop_file = Path(payload["stop_file"]) if payload.get("stop_file") else None
+    joinid_log = Path(payload["joinid_log"]) / f"rank{rank}.jsonl" if payload.get("joinid_log") else None
     while state.step < end:
         t_ask = time.perf_counter()
         epoch, pos, batch = next(stream)
@@ -80,6 +82,11 @@ def train_loop(payload: dict[str, Any]) -> None:
         lr = engine.get_lr()[0]
         engine.step()
         state = TrainState(state.step + 1, epoch, pos)
+        if joinid_log is not None:  # which cells this optimizer step trained on (exactly-once checks)
+            joinid_log.parent.mkdir(parents=True, exist_ok=True)
+            with joinid_log.open("a") as f:
+                f.write(json.dumps({"step": state.step, "epoch": epoch, "ids": batch[schema.SOMA_JOINID].tolist()}))
+                f.write("\n")
         dt, wait = timer.lap()
         worst = max(per_layer, key=per_layer.get)
         metrics = {

@@ -8,6 +8,8 @@ logger warns once per outage, keeps what it could not send (bounded) and retries
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import queue
 import socket
@@ -123,7 +125,9 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, 
         client = MlflowClient(tracking_uri=uri)
         for k, v in (tags or {}).items():
             client.set_tag(run_id, k, v)
-        client.set_terminated(run_id, status=status)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # MLflow prints the run URL, credentials and all
+            client.set_terminated(run_id, status=status)
+        print(redact_uri(said.getvalue()), end="")
     except Exception as e:
         warnings.warn(f"MLflow: could not close run {run_id}: {redact_uri(str(e))}", stacklevel=2)
 

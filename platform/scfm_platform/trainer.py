@@ -23,6 +23,7 @@ from scfm_platform.config import RunConfig, to_dict
 from scfm_platform.errors import RunError
 
 LAUNCH_FILE = "launch.json"
+STOP_FILE = "STOP"  # written by the driver on SIGINT/SIGTERM; every rank checkpoints and ends at the next step
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainResult:
     metrics: dict[str, Any]  # rank 0's last reported metrics
     history: list[dict[str, Any]] = field(default_factory=list)  # rank 0's reports in order (this launch)
     stop_reason: str | None = None  # divergence reason, if the guard stopped the run
+    interrupted: int | None = None  # the signal (SIGINT/SIGTERM) that ended this launch with a checkpoint
 
 
 def train(
@@ -55,6 +57,7 @@ def train(
     """
     import ray
 
+    _check_atlas(cfg)  # a missing or wrong atlas is one line here, not a worker traceback after Ray starts
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
@@ -73,7 +76,10 @@ def train(
         uri = server.start()
         print_fn(f"MLflow UI: {uri}  (local server: sqlite + artifacts under {server.root})")
     try:
-        return _fit(cfg, run_dir, launch, uri, use_gpu, resume, progress, print_fn)
+        with _stop_on_signal(run_dir / STOP_FILE, print_fn) as signals:
+            result = _fit(cfg, run_dir, launch, uri, use_gpu, resume, progress, print_fn)
+        result.interrupted = signals[0] if signals else None
+        return result
     finally:
         if server is not None:
             server.stop()
@@ -85,11 +91,17 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from scfm_platform.config import redact_uri
     from scfm_platform.loop import train_loop
     from scfm_platform.tracking import create_run, finish_run, git_commit
 
     commit = git_commit()
-    if resume and launch.get("tracking_uri") == uri and launch.get("run_id"):
+    model = _model_shape(cfg)
+    if resume and launch.get("model") and launch["model"] != model:
+        was = ", ".join(f"{k}={v}" for k, v in launch["model"].items() if model.get(k) != v)
+        now = ", ".join(f"{k}={v}" for k, v in model.items() if launch["model"].get(k) != v)
+        raise RunError(f"--resume: the checkpoint in {run_dir} is of another model size ({was}); this config has {now}")
+    if resume and launch.get("tracking_uri") == redact_uri(uri) and launch.get("run_id"):
         run_id, run_name = launch["run_id"], launch["run_name"]
         print_fn(f"MLflow run {run_name} ({run_id}) continues")
     else:
@@ -97,7 +109,9 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
         run_id, run_name = create_run(uri, cfg.tracking.experiment, cfg.tracking.run_name or None, tags)
         print_fn(f"MLflow run {run_name} ({run_id}); experiment '{cfg.tracking.experiment}'")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LAUNCH_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id, "run_name": run_name}))
+    launch = {"tracking_uri": redact_uri(uri), "run_id": run_id, "run_name": run_name, "model": model}
+    (run_dir / LAUNCH_FILE).write_text(json.dumps(launch))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     resume_from = _latest_checkpoint(run_dir) if resume else None
     if resume:
         print_fn(f"resuming {run_dir} from {resume_from.name if resume_from else 'nothing (no checkpoint yet)'}")
@@ -108,6 +122,9 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
         "tracking": {"uri": uri, "run_id": run_id},
         "git_commit": commit,
         "resume_from": str(resume_from) if resume_from else None,
+        "stop_file": str(run_dir / STOP_FILE),
+        # SCFM_RECORD_JOINIDS=1: every rank appends each step's soma_joinids to <run_dir>/joinids/rank<r>.jsonl
+        "joinid_log": str(run_dir / "joinids") if os.environ.get("SCFM_RECORD_JOINIDS") == "1" else None,
     }
     res = cfg.resources
     worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if use_gpu else {})
@@ -143,8 +160,9 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
     stop_reason = final.get("stop_reason")
     status = "FAILED" if error is not None or stop_reason else "FINISHED"
     end_tags = {"scfm.stop_reason": stop_reason} if stop_reason else {}
-    if status == "FINISHED" and cfg.train.stop_at_step and final.get("step", 0) < final.get("total_steps", 0):
-        status = "KILLED"  # paused at stop_at_step; `--resume` continues the same MLflow run
+    paused = cfg.train.stop_at_step or (run_dir / STOP_FILE).exists()
+    if status == "FINISHED" and paused and final.get("step", 0) < final.get("total_steps", 0):
+        status = "KILLED"  # paused at stop_at_step or by a signal; `--resume` continues the same MLflow run
     finish_run(uri, run_id, status, end_tags)
     if error is not None:
         msg = str(error).strip().splitlines()
@@ -188,6 +206,44 @@ def _progress(feed, thread: threading.Thread, history: list, total: int, show: b
             bar.update(task, completed=m["step"], total=m.get("total_steps", total), info=info)
 
 
+@contextlib.contextmanager
+def _stop_on_signal(stop_file: Path, print_fn):
+    """SIGINT/SIGTERM: ask the workers (through `stop_file`) to checkpoint and end at their next step; a second
+    signal aborts at once (KeyboardInterrupt). Yields the list the received signal numbers go into."""
+    import signal
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame) -> None:
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.write_text(signal.Signals(signum).name)
+        print_fn(f"{signal.Signals(signum).name}: saving a checkpoint at the next step, then exiting (again: abort)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _model_shape(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint's tensors depend on: the preset and the resolved dims (the vocabulary comes with the data)."""
+    from dataclasses import asdict
+
+    from scfm_platform.model import resolve_dims
+
+    d = asdict(resolve_dims(cfg.model, vocab_size=0, n_bins=cfg.data.n_bins, tokenizer=cfg.data.tokenizer))
+    d.pop("vocab_size")
+    return {"preset": cfg.model.preset, **d}
+
+
 def _feed_class():
     from ray.train import UserCallback
 
@@ -220,6 +276,18 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
 
     data = replace(cfg.data, atlas=fix(cfg.data.atlas), tokens=fix(cfg.data.tokens))
     return replace(cfg, data=data, eval=replace(cfg.eval, atlas=fix(cfg.eval.atlas)))
+
+
+def _check_atlas(cfg: RunConfig) -> None:
+    """RunError/DataError unless `data.atlas` is `synthetic:N` or an atlas (local paths checked here)."""
+    uri = cfg.data.atlas
+    if not uri or uri.startswith("synthetic:") or "://" in uri:
+        return
+    if not Path(uri).expanduser().exists():
+        raise RunError(f"data.atlas={uri}: no such atlas; create one with `launch atlas ingest` or `launch atlas demo`")
+    from scfm_data_service.atlas import read_meta
+
+    read_meta(str(Path(uri).expanduser().resolve()))  # DataError "not an atlas" for any other directory
 
 
 def _use_gpu(cfg: RunConfig) -> bool:

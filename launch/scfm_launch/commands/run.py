@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
             summary += f"  {key} {m[key]:.4g}"
     print(f"run {result.mlflow_run_name} ({result.mlflow_run_id}): {summary}")
     print(f"checkpoints: {result.run_dir}")
+    if result.interrupted:
+        import signal
+
+        name = signal.Signals(result.interrupted).name
+        print(f"interrupted by {name}: checkpoint {result.checkpoint}; continue with `launch run ... --resume`")
+        return 128 + result.interrupted  # 130 for SIGINT, 143 for SIGTERM
     if result.stop_reason:
         print(f"stopped: {result.stop_reason}; last good checkpoint: {result.checkpoint}")
         return 1
