@@ -7,6 +7,8 @@ its step-6 checkpoint: in both, the steps after the checkpoint have the uninterr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -123,8 +125,10 @@ def test_stop_and_resume_gives_the_same_losses(full_run, cluster, atlas, tmp_pat
 
 
 @pytest.mark.slow
-def test_worker_killed_restarts_from_last_checkpoint(full_run, cluster, atlas, tmp_path):
+def test_worker_killed_restarts_from_last_checkpoint(full_run, cluster, atlas, tmp_path, monkeypatch):
     import psutil
+
+    monkeypatch.setenv("SCFM_RECORD_JOINIDS", "1")  # every rank logs each optimizer step's soma_joinids
 
     killed: list[int] = []
 
@@ -133,7 +137,12 @@ def test_worker_killed_restarts_from_last_checkpoint(full_run, cluster, atlas, t
         while time.monotonic() < deadline and not killed:
             if list(tmp_path.glob("crash/run-*/checkpoint_00000006")):
                 for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                    if not (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                        continue
+                    mine = False  # only a worker of this test's Ray (a child of the raylet it started)
+                    with contextlib.suppress(psutil.Error):
+                        mine = os.getpid() in {p.pid for p in proc.parents()}
+                    if mine:
                         proc.kill()
                         killed.append(proc.info["pid"])
                         return
@@ -146,3 +155,33 @@ def test_worker_killed_restarts_from_last_checkpoint(full_run, cluster, atlas, t
     after = result.history[-(STEPS - 6) :]
     assert [h["step"] for h in after] == list(range(7, STEPS + 1))
     assert [h["loss"] for h in after] == pytest.approx([h["loss"] for h in full_run.history[6:]], abs=1e-6, rel=0)
+    _check_cells_exactly_once(cfg, result.run_dir)
+
+
+def _check_cells_exactly_once(cfg, run_dir: Path) -> None:
+    """The steps that survived (per rank and step, the last record: the restart redid 7..12) trained on exactly
+    the cells the data service assigns to those steps: none lost, none repeated within epoch 0."""
+    import json
+    from collections import Counter
+
+    from scfm_platform import data
+
+    world, per_epoch = cfg.resources.num_workers, data.steps_per_epoch(cfg.data, cfg.resources.num_workers)
+    survived: dict[tuple[int, int], tuple[int, list[int]]] = {}
+    written = 0
+    for rank in range(world):
+        for line in (run_dir / "joinids" / f"rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            survived[rank, rec["step"]] = (rec["epoch"], rec["ids"])
+            written += 1
+    assert written > world * STEPS  # the killed attempt's steps after the checkpoint were logged, then redone
+    assert sorted({s for _, s in survived}) == list(range(1, STEPS + 1))
+    got = Counter(i for (_, s), (ep, ids) in survived.items() if ep == 0 for i in ids)
+    want: Counter = Counter()
+    for rank in range(world):
+        batches = data.batches(cfg.data, rank=rank, world_size=world, epoch=0)
+        for _, b in zip(range(min(per_epoch, STEPS)), batches, strict=False):
+            want.update(b["soma_joinid"].tolist())
+    assert max(got.values()) == 1, "a cell was trained on twice in epoch 0"
+    assert got == want, f"lost {len(want - got)} cells, extra {len(got - want)}"
+    print(f"cells: {len(got)} delivered once each over {len(survived)} surviving rank-steps; {written} logged")
