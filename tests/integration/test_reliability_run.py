@@ -127,7 +127,8 @@ def test_sigterm_checkpoints_at_the_current_step_and_exits_143(scenario):
     assert scenario["checkpoints_after_sigterm"][-1] == f"checkpoint_{step:08d}"
     assert "SIGTERM: saving a checkpoint at the next step" in text
     assert f"interrupted by SIGTERM: checkpoint {scenario['run_dir']}/checkpoint_{step:08d}" in text
-    assert "Traceback" not in text
+    driver = [line for line in text.splitlines() if " pid=" not in line]  # not Ray's forwarded worker/actor logs
+    assert not any("Traceback" in line for line in driver), "\n".join(driver)[-3000:]
 
 
 def test_resume_continues_from_the_signal_checkpoint_to_the_end(scenario):
