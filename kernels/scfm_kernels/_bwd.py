@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output, set_descriptor_allocator, tma_ok
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
 from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
 
 
@@ -108,7 +108,7 @@ def _dkdv_kernel(
     T_MAX, HK,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -189,7 +189,7 @@ def _dq_kernel(
     T_MAX, H,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -278,7 +278,7 @@ def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     return configs if AUTOTUNE else configs[:1]
 
 
-_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA"]
+_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA", "LEN_BUCKET"]
 _dkdv_tuned = (
     None
     if INTERPRET
@@ -326,6 +326,7 @@ def attention_backward(
     if use_tma:
         set_descriptor_allocator()
     meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
+    meta["LEN_BUCKET"] = len_bucket(t_max)
     dkdv_args = (q, k, v, do, dk, dv, seq, bias_B, -scale * LOG2E, scale, *s_in)
     dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), t_max, HK)
     dq_args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
@@ -336,8 +337,9 @@ def attention_backward(
     ):
         if cfg is not None:
             cfg = dict(cfg)
-            tma = use_tma and cfg.pop("USE_TMA", True)
-            cfg.pop("WS", None)  # forward-only option
+            tma = cfg.pop("USE_TMA", True) and use_tma
+            cfg.pop("WS", None)  # forward-only options
+            cfg.pop("PIPE", None)
             kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, USE_TMA=tma)
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](

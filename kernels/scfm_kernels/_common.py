@@ -23,6 +23,12 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def len_bucket(t_max: int) -> int:
+    """The autotuners' length key: the padded length rounded up to a power of two in [1024, 65536], so a
+    training run with varying batch lengths retunes a handful of times, not once per length."""
+    return min(65536, max(1024, triton.next_power_of_2(max(1, t_max))))
+
+
 def new_output(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:

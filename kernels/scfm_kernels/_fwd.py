@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, new_output, set_descriptor_allocator, tma_ok
+from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
 
 LOG2E = 1.4426950408889634
 
@@ -89,7 +89,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
-    USE_TMA: tl.constexpr, WS: tl.constexpr,
+    USE_TMA: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr = False, LEN_BUCKET: tl.constexpr = 0,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,12 +125,27 @@ def _fwd_kernel(
             V + b * stride_vb + start * stride_vt + hk * stride_vh,
             shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
-        for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-            s = mma(q, tl.trans(k), None, DOT_MODE)
-            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
-            acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+        if PIPE:
+            # Software-pipelined: the product S_{j+1} = Q K_{j+1}ᵀ is issued before the sigmoid of S_j, so
+            # the tensor cores work on the next block while the FMA/special-function pipes work on this one.
+            if n_keys > 0:
+                s = mma(q, tl.trans(k_desc.load([0, 0])), None, DOT_MODE)
+                for start_n in tl.range(BLOCK_N, n_keys, BLOCK_N):
+                    v = v_desc.load([start_n - BLOCK_N, 0])
+                    s_next = mma(q, tl.trans(k_desc.load([start_n, 0])), None, DOT_MODE)
+                    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                    acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+                    s = s_next
+                v = v_desc.load([((n_keys - 1) // BLOCK_N) * BLOCK_N, 0])
+                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+        else:
+            for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
+                k = k_desc.load([start_n, 0])
+                v = v_desc.load([start_n, 0])
+                s = mma(q, tl.trans(k), None, DOT_MODE)
+                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
     else:
         k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
         k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -171,6 +186,8 @@ def _fwd_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False, "PIPE": True}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False, "PIPE": True}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=2),
     ]
@@ -188,7 +205,7 @@ _fwd_tuned = (
     if INTERPRET
     else triton.autotune(
         configs=_fwd_configs(),
-        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID", "USE_TMA"],
+        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID", "USE_TMA", "LEN_BUCKET"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(_fwd_kernel)
 )
@@ -229,13 +246,15 @@ def attention_forward(
         DOT_MODE=dot_mode(q.dtype),
         FAST_SIGMOID=fast_sigmoid,
         USE_TMA=tma_ok(q, k, v),
+        LEN_BUCKET=len_bucket(t_max),
     )
     if meta["USE_TMA"]:
         set_descriptor_allocator()
     if config is not None:
         config = dict(config)
-        meta["USE_TMA"] = meta["USE_TMA"] and config.pop("USE_TMA", True)
+        meta["USE_TMA"] = config.pop("USE_TMA", True) and meta["USE_TMA"]
         meta["WS"] = config.pop("WS", False)
+        meta["PIPE"] = config.pop("PIPE", False)
         _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **meta, **config)
     elif INTERPRET:
         _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, WS=False, BLOCK_M=16, BLOCK_N=16)

@@ -3,7 +3,8 @@ then do_bench medians side by side. `python tests/gpu/sweep_kernels.py` (needs a
 $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
-(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop)."""
+(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the forward
+key loop software-pipelined by hand). SWEEP_ONLY=fwd or bwd limits the sweep to one direction."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from scfm_kernels._bwd import attention_backward
 from scfm_kernels._fwd import attention_forward
 
 
-def C(bm, bn, w, s, tma=True, ws=False):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws)
+def C(bm, bn, w, s, tma=True, ws=False, pipe=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, PIPE=pipe)
 
 
 FWD = {
@@ -30,6 +31,10 @@ FWD = {
     "tma 128x128 w8 s2": C(128, 128, 8, 2),
     "tma 128x64 w4 s3": C(128, 64, 4, 3),
     "tma 128x128 w8 s3 ws": C(128, 128, 8, 3, ws=True),
+    "tma 128x128 w8 s3 pipe": C(128, 128, 8, 3, pipe=True),
+    "tma 128x128 w8 s2 pipe": C(128, 128, 8, 2, pipe=True),
+    "tma 128x64 w8 s3 pipe": C(128, 64, 8, 3, pipe=True),
+    "tma 128x64 w4 s3 pipe": C(128, 64, 4, 3, pipe=True),
 }
 DKDV = {  # BLOCK_M queries x BLOCK_N keys
     "ptr 64x128 w8 s3": C(64, 128, 8, 3, tma=False),
@@ -68,7 +73,7 @@ def _time_shape(times, checks, label, B, T, H, D, pad, scale) -> None:
         if isinstance(checks.get(f"fwd {name}"), list):
             ms = _bench(lambda cfg=cfg: attention_forward(q, k, v, lens, bias, scale, False, T, config=cfg))
             times[f"{label} fwd {name}"] = flops / ms / 1e9
-    if label != "pad4k":
+    if label != "pad4k" and os.environ.get("SWEEP_ONLY") != "fwd":
         for kind, table in (("dkdv", DKDV), ("dq", DQ)):
             for name, cfg in table.items():
                 if not isinstance(checks.get(f"{kind} {name}"), list):
@@ -108,7 +113,8 @@ def main() -> None:
 
     checks = {}
     kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ))
-    for kind, table in kinds[1:] if os.environ.get("SWEEP_ONLY") == "bwd" else kinds:
+    only = os.environ.get("SWEEP_ONLY")
+    for kind, table in kinds[1:] if only == "bwd" else kinds[:1] if only == "fwd" else kinds:
         for name, cfg in table.items():
             try:
                 if kind == "fwd":

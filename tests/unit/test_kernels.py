@@ -95,6 +95,30 @@ def test_dense_default_lengths_and_overrides():
 
 
 @interpret_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pipelined_forward_launch_matches_float64(dtype):
+    """The software-pipelined key loop (PIPE) over tensor descriptors: lengths 0, 1, a block edge and ragged."""
+    from scfm_kernels._fwd import attention_forward
+
+    B, T, H, K, D = 5, 53, 2, 1, 32
+    lens = torch.tensor([0, 1, 16, T, 29], dtype=torch.int32)
+    q, k, v = (
+        torch.randn(B, T, H, D, dtype=dtype),
+        torch.randn(B, T, K, D, dtype=dtype),
+        torch.randn(B, T, K, D, dtype=dtype),
+    )
+    bias = -torch.log(lens.clamp(min=1).float())
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, USE_TMA=True, PIPE=True)
+    out = attention_forward(q, k, v, lens, bias, D**-0.5, False, T, config=cfg)
+    ref = sk.sigmoid_attention_reference(q.double(), k.double(), v.double(), lens.clamp(min=1))
+    for b, n in enumerate(lens.tolist()):
+        assert torch.all(out[b, n:] == 0), f"out[{b}, {n}:] (padding) is not exactly 0"
+        if n:
+            err = _relerr(out[b, :n], ref[b, :n])
+            assert err < TOL[dtype], f"sequence {b} (n={n}): relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@interpret_only
 def test_varlen_equals_padded_and_reference():
     T, H, K, D = 40, 2, 1, 32
     lens = torch.tensor([1, T, 0, 23], dtype=torch.int32)
