@@ -88,6 +88,7 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0  # CPUs reserved per training worker
     gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
     max_failures: int = 2  # worker-failure restarts from the last checkpoint
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD: how Ray places the workers over nodes
 
 
 @dataclass
@@ -136,6 +137,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "resources.use_gpu": ("auto", "true", "false"),
+    "resources.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),
     "cluster.target": ("local", "kubernetes", "ray"),
     "cluster.image_pull_policy": ("Always", "IfNotPresent", "Never"),
     "cluster.mlflow": ("deploy", "external"),

@@ -2,7 +2,9 @@
 
 Each step: next batch → forward → masked-gene loss → backward → grad norms → divergence check → optimizer step →
 metrics (every rank reports them; rank 0 also sends them to MLflow) → validation, in-training evaluation (rank 0,
-`eval.every`) and checkpoint when due.
+`eval.every`) and checkpoint when due. Throughput metrics are over all ranks (`tokens_per_s`, `cells_per_s`) and
+per rank (`tokens_per_s_per_worker`, `mfu`); `data_wait_frac` and `peak_mem_gib` are the maximum over ranks (the
+rank that waits longest for data stalls them all). Rank 0 tags the MLflow run with the Ray nodes its workers ran on.
 `payload` (from the driver): config (dict), tracking {uri, run_id} or None, git_commit, resume_from (a
 checkpoint directory or None; a checkpoint Ray Train hands back after a worker failure wins).
 """
@@ -27,7 +29,7 @@ from scfm_platform.config import RunConfig, flatten, from_dict, redacted, redact
 from scfm_platform.engine import grad_norms, initialize
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
-from scfm_platform.monitor import DivergenceGuard, StepTimer
+from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
 from scfm_platform.objective import masked_loss
 
 
@@ -51,7 +53,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     if cfg.model.compile and device.type == "cuda":
         engine.compile()  # torch.compile inside DeepSpeed (checkpoint keys stay those of the plain module)
     state = _restore(engine, rank, payload.get("resume_from"))
-    log = _logger(cfg, payload, state) if rank == 0 else None
+    nodes = _worker_nodes()
+    log = _logger(cfg, payload, state, nodes) if rank == 0 else None
     guard, timer = DivergenceGuard(cfg.train.divergence_factor), StepTimer()
     peak = peak_flops(device, cfg.train.peak_tflops) * world
     stream = _stream(cfg, rank, world, state, per_epoch)
@@ -88,12 +91,14 @@ def train_loop(payload: dict[str, Any]) -> None:
                 f.write(json.dumps({"step": state.step, "epoch": epoch, "ids": batch[schema.SOMA_JOINID].tolist()}))
                 f.write("\n")
         dt, wait = timer.lap()
+        wait, peak_mem = _all_reduce([wait, peak_memory_bytes(device)], dist.ReduceOp.MAX)
         worst = max(per_layer, key=per_layer.get)
         metrics = {
             "step": state.step, "epoch": epoch, "loss": loss_mean, "lr": lr, "grad_norm": gnorm,
             "grad_norm_max_layer": per_layer[worst], "grad_norm_max_layer_index": list(per_layer).index(worst),
-            "tokens_per_s": sums[1] / dt, "cells_per_s": sums[2] / dt, "mfu": sums[3] / dt / peak,
-            "data_wait_frac": wait, "step_time_s": dt, "total_steps": total,
+            "tokens_per_s": sums[1] / dt, "tokens_per_s_per_worker": sums[1] / dt / world, "cells_per_s": sums[2] / dt,
+            "mfu": sums[3] / dt / peak, "data_wait_frac": wait, "peak_mem_gib": peak_mem / GIB, "step_time_s": dt,
+            "total_steps": total,
         }  # fmt: skip
         metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:
@@ -126,12 +131,28 @@ def _stream(cfg: RunConfig, rank: int, world: int, state: TrainState, per_epoch:
 
 
 def _all_sum(values: list[float]) -> list[float]:
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
         t = t.to(dev)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.cpu().tolist()
+
+
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (one all-gather; every rank calls it)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 @torch.no_grad()
@@ -205,7 +226,7 @@ def _restore(engine, rank: int, resume_from: str | None) -> TrainState:
     return TrainState()
 
 
-def _logger(cfg: RunConfig, payload: dict[str, Any], state: TrainState):
+def _logger(cfg: RunConfig, payload: dict[str, Any], state: TrainState, nodes: list[str]):
     tracking = payload.get("tracking")
     if not tracking:
         return None
@@ -219,6 +240,8 @@ def _logger(cfg: RunConfig, payload: dict[str, Any], state: TrainState):
         if payload.get("git_commit"):
             tags["mlflow.source.git.commit"] = payload["git_commit"]
         log.set_tags(tags)
+    distinct = list(dict.fromkeys(nodes))  # every launch: a restart may place the workers elsewhere
+    log.set_tags({"scfm.nodes": str(len(distinct)), "scfm.worker_nodes": ",".join(distinct)})
     return log
 
 

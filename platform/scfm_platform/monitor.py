@@ -1,11 +1,17 @@
-"""Per-step bookkeeping on each worker: step timing, data-wait fraction, and the divergence guard."""
+"""Per-step bookkeeping on each worker: step timing, data-wait fraction, peak memory, and the divergence guard."""
 
 from __future__ import annotations
 
 import math
+import resource
 import statistics
+import sys
 import time
 from collections import deque
+
+import torch
+
+GIB = 2**30
 
 
 class StepTimer:
@@ -46,3 +52,11 @@ class DivergenceGuard:
                 return f"grad norm {grad_norm:.3g} exceeds {self.factor:g} x running median {median:.3g}"
         self.history.append(grad_norm)
         return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak memory so far: `torch.cuda.max_memory_allocated` on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux

@@ -132,7 +132,10 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
         train_loop,
         train_loop_config=payload,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=worker
+            num_workers=res.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker,
+            placement_strategy=res.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name,

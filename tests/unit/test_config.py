@@ -62,6 +62,10 @@ def test_defaults_without_file_need_atlas() -> None:
         (["model.qk_norm=maybe"], r"wrong type for 'model.qk_norm'"),
         (["model.attention=cosine"], r"model.attention='cosine' is not allowed; choose one of: sigmoid, softmax"),
         (["deepspeed.zero_stage=4"], r"deepspeed.zero_stage=4 is not allowed; choose one of: 0, 1, 2, 3"),
+        (
+            ["resources.placement_strategy=spread"],
+            r"resources.placement_strategy='spread' is not allowed; choose one of: PACK, SPREAD, STRICT_SPREAD",
+        ),
         (["data.mask_ratio=1.5"], r"data.mask_ratio=1.5 is out of range; it must be > 0.0 and ≤ 1.0"),
         (["train.lr=0"], r"train.lr=0.0 is out of range; it must be > 0.0"),
         (["model.dim=100", "model.heads=3"], r"model.dim=100 must be divisible by model.heads=3"),
