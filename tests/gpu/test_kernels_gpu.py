@@ -63,29 +63,21 @@ def test_padded_matches_float64(B, T, H, K, D, dtype):
             assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0"
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    ],
-)
-def test_every_forward_launch_of_the_autotuner_list_is_correct(cfg):
-    """Each forward variant the autotuner may pick (plain, warp-specialized, software-pipelined) at D=128."""
-    from scfm_kernels._fwd import attention_forward
+def test_every_forward_launch_of_the_autotuner_list_is_correct():
+    """Each forward config the autotuner may pick (plain, warp-specialized, software-pipelined) at D=128."""
+    from scfm_kernels._fwd import _fwd_configs, attention_forward
 
     B, T, H, D = 3, 2048, 4, 128
     lens = torch.tensor([T, 1, 1000], device="cuda", dtype=torch.int32)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = sk.sigmoid_attention_reference(q.double(), k.double(), v.double(), lens)
-    for ws, pipe in ((False, False), (True, False), (False, True)):
-        out = attention_forward(
-            q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, config=dict(cfg, WS=ws, PIPE=pipe)
-        )
+    for c in _fwd_configs():
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        out = attention_forward(q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, config=cfg)
         err = _relerr(out, ref)
-        assert err < TOL[torch.bfloat16], f"WS={ws} PIPE={pipe} {cfg}: relative error {err:.2e}"
+        assert err < TOL[torch.bfloat16], f"{cfg}: relative error {err:.2e}"
         for b, n in enumerate(lens.tolist()):
-            assert torch.all(out[b, n:] == 0), f"WS={ws} PIPE={pipe}: out[{b}, {n}:] (padding) is not exactly 0"
+            assert torch.all(out[b, n:] == 0), f"{cfg}: out[{b}, {n}:] (padding) is not exactly 0"
 
 
 def test_float32_dense():
