@@ -1,0 +1,32 @@
+# Source from the repo root on the GPU machine:  source tests/gpu/device_site.sh
+#
+# Unpacks every .devsite/part*.tar.xz (made by tests/gpu/make_device_site.py) into /tmp/devsite once per part
+# (a part already unpacked is skipped, so two calls can carry one part each), then exports PYTHONPATH: the carried
+# packages, pandas 2 only if the machine's pandas is 3 or newer (tiledbsoma and anndata need pandas < 3), and the
+# four source folders of this repo (nothing of ours is installed there). Ray's local cluster, its workers and the
+# local MLflow server are child processes of the driver and inherit this environment.
+
+DEVSITE_DIR=${DEVSITE_DIR:-/tmp/devsite}
+mkdir -p "$DEVSITE_DIR"
+for _part in .devsite/part*.tar.xz; do
+    [ -e "$_part" ] || continue
+    _mark="$DEVSITE_DIR/.$(basename "$_part").$(stat -c %s "$_part")"
+    if [ ! -e "$_mark" ]; then
+        echo "device_site: unpacking $_part ($(du -h "$_part" | cut -f1)) into $DEVSITE_DIR" >&2
+        tar -xJf "$_part" -C "$DEVSITE_DIR" && touch "$_mark"
+    fi
+done
+unset _part _mark
+for _p in site pandas2; do
+    [ -d "$DEVSITE_DIR/$_p" ] || echo "device_site: $DEVSITE_DIR/$_p missing (carry its .devsite part)" >&2
+done
+unset _p
+
+_pp="$DEVSITE_DIR/site"
+if [ -d "$DEVSITE_DIR/pandas2" ] &&
+    ! python3 -c 'import sys, pandas; sys.exit(int(pandas.__version__.split(".")[0]) >= 3)' 2>/dev/null; then
+    _pp="$DEVSITE_DIR/pandas2:$_pp"
+fi
+export PYTHONPATH="$_pp:$PWD/kernels:$PWD/platform:$PWD/data_service:$PWD/launch${PYTHONPATH:+:$PYTHONPATH}"
+unset _pp
+echo "device_site: PYTHONPATH=$PYTHONPATH" >&2
