@@ -1,0 +1,477 @@
+"""Scaling table: one `launch run` per (workers, ZeRO stage), metrics read back from MLflow, efficiency vs 1 worker.
+
+    python -m scfm_platform.scaling configs/h200_160m_8k.yaml --workers 1,2,4 --zero 2,3 --steps 60 --warmup 10
+
+Each cell of the table is `launch run CONFIG <overrides>` as a child process (its own Ray, or the cluster at
+$RAY_ADDRESS), logging to one MLflow experiment (`tracking.uri`, else a local server under --out). Per run, over the
+steps after --warmup: tokens/s (all workers and per worker), MFU, data-stall fraction (time the slowest rank waited
+for its next batch), all as totals over totals (weighted by step time); peak memory is the maximum over ranks and
+steps. Scaling efficiency = (tokens/s at N / N) / (tokens/s at B / B), B the fewest workers of that ZeRO stage (1).
+A failed run is a row with its error; the others still run. --two-node starts two Ray nodes on this host (each
+with half the CPUs and GPUs) and spreads the workers over them. Writes scaling.md, scaling.json and logs/ to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scfm_platform.config import load_config
+from scfm_platform.errors import ConfigError, RunError
+
+EXAMPLES = """examples:
+  NCCL_NVLS_ENABLE=0 python -m scfm_platform.scaling configs/h200_160m_8k.yaml --workers 1,2,4 --zero 2,3 \\
+      data.atlas=/data/atlas
+  NCCL_NVLS_ENABLE=0 python -m scfm_platform.scaling configs/h200_160m_8k.yaml --workers 4 --zero 2 --two-node
+  python -m scfm_platform.scaling configs/demo.yaml --workers 1,2 --zero 2 --steps 8 --warmup 2 \\
+      data.atlas=synthetic:2000 resources.cpus_per_worker=0.5
+"""
+# Set by the script for every cell; change them with --workers, --zero, --steps and --out instead.
+OWNED = ("resources.num_workers", "deepspeed.zero_stage", "tracking.experiment", "tracking.run_name", "train.steps")
+METRICS = ("tokens_per_s", "tokens_per_s_per_worker", "cells_per_s", "mfu", "data_wait_frac", "step_time_s")
+
+
+@dataclass
+class Row:
+    """One (workers, ZeRO stage) run and what MLflow has of it."""
+
+    workers: int
+    zero: int
+    run_name: str
+    command: str
+    status: str = "ok"  # ok | failed | timeout | no metrics
+    error: str | None = None
+    run_id: str | None = None
+    wall_s: float = 0.0
+    steps: int = 0  # steps logged after the warm-up
+    nodes: int | None = None
+    worker_nodes: list[str] = field(default_factory=list)
+    tokens_per_s: float | None = None
+    tokens_per_s_per_worker: float | None = None
+    cells_per_s: float | None = None
+    mfu: float | None = None
+    data_wait_frac: float | None = None
+    step_time_s: float | None = None
+    peak_mem_gib: float | None = None
+    efficiency: float | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    try:
+        workers, zeros = _ints(args.workers, "--workers", None), _ints(args.zero, "--zero", (0, 1, 2, 3))
+        if not 0 <= args.warmup < args.steps:
+            raise ConfigError(f"--warmup={args.warmup} must be ≥ 0 and below --steps={args.steps}")
+        owned = [o for o in args.overrides if o.partition("=")[0].strip() in OWNED]
+        if owned:
+            raise ConfigError(f"{owned[0]!r}: the script sets {', '.join(OWNED)}; use --workers/--zero/--steps")
+        base = _base_overrides(args)
+        cfg = load_config(args.config, [*base, f"resources.num_workers={max(workers)}"])  # fails here, not per run
+    except ConfigError as e:
+        print(f"scaling: error: {e}", file=sys.stderr)
+        return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(args.out or f"runs/scaling/{cfg.name}-{stamp}").resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    base = [*base, f"train.output_dir={out / 'runs'}"]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+    meta: dict[str, Any] = {
+        "command": shlex.join(["python", "-m", "scfm_platform.scaling", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": host_description(),
+        "config": args.config,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "two_node": args.two_node,
+    }
+    with contextlib.ExitStack() as stack:
+        uri = cfg.tracking.uri or stack.enter_context(_local_mlflow(out / "mlflow"))
+        if args.two_node:
+            cluster = stack.enter_context(TwoNodeCluster(out / "logs", cpus=args.cpus, gpus=args.gpus))
+            env |= cluster.env()
+            meta["cluster_nodes"] = cluster.nodes
+            print(f"two Ray nodes on this host at {cluster.address}: {cluster.describe()}")
+        rows = []
+        for zero in zeros:
+            for n in workers:
+                row = run_cell(args, n, zero, [*base, f"tracking.uri={uri}"], out, env, stamp)
+                rows.append(row)
+                print(f"  {_row_line(row)}", flush=True)
+    efficiency(rows)
+    write(out, meta, rows)
+    print_table(meta, rows)
+    print(f"written: {out / 'scaling.md'}, {out / 'scaling.json'}; run logs in {out / 'logs'}")
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m scfm_platform.scaling",
+        description=(__doc__ or "").split("\n\n")[0] + " Overrides (key=value) apply to every run.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="run config YAML (e.g. configs/h200_160m_8k.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    p.add_argument("--workers", default="1,2,4", help="worker (GPU) counts, comma-separated (default 1,2,4)")
+    p.add_argument("--zero", default="2,3", help="ZeRO stages, comma-separated (default 2,3)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the means (default 10)")
+    p.add_argument("--two-node", action="store_true", help="two Ray nodes on this host, workers spread over both")
+    p.add_argument("--cpus", type=int, default=None, help="--two-node: CPUs to split over the nodes (default all)")
+    p.add_argument("--gpus", type=int, default=None, help="--two-node: GPUs to split over the nodes (default all)")
+    p.add_argument("--experiment", default="scaling", help="MLflow experiment (default scaling)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (default 1800)")
+    p.add_argument("--out", default=None, help="output directory (default runs/scaling/<name>-<UTC time>)")
+    return p
+
+
+def _ints(text: str, flag: str, allowed: tuple[int, ...] | None) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v >= 1 if allowed is None else v in allowed for v in values):
+        want = "positive integers" if allowed is None else f"values from {', '.join(map(str, allowed))}"
+        raise ConfigError(f"{flag}={text!r} must be comma-separated {want}, e.g. {flag} 1,2,4")
+    return list(dict.fromkeys(values))
+
+
+def _base_overrides(args: argparse.Namespace) -> list[str]:
+    """Throughput runs: no validation, evaluation or mid-run checkpoints, no restarts; then the user's overrides."""
+    fixed = [f"train.steps={args.steps}", "train.val_every=0", "eval.every=0", "train.checkpoint_every=0",
+             "train.log_every=1", "resources.max_failures=0", f"tracking.experiment={args.experiment}"]  # fmt: skip
+    if args.two_node:
+        fixed.append("resources.placement_strategy=SPREAD")  # two workers on two nodes, not packed on one
+    return [*fixed, *args.overrides]
+
+
+def run_cell(args, workers: int, zero: int, base: list[str], out: Path, env: dict, stamp: str) -> Row:
+    """`launch run` for one cell (a child process), then its metrics from MLflow; errors go into the row."""
+    name = f"w{workers}-z{zero}{'-2node' if args.two_node else ''}"
+    run_name = f"scaling-{name}-{stamp}"
+    overrides = [*base, f"resources.num_workers={workers}", f"deepspeed.zero_stage={zero}",
+                 f"tracking.run_name={run_name}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "scfm_launch", "run", args.config, *overrides, "--no-progress"]
+    row = Row(workers, zero, run_name, shlex.join(["launch", *cmd[3:]]))
+    log = out / "logs" / f"{name}.log"
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            rc = None
+    row.wall_s = time.monotonic() - t0
+    if rc != 0:
+        row.status = "timeout" if rc is None else "failed"
+        row.error = f"ran past --timeout={args.timeout:g}s" if rc is None else _last_error(log, rc)
+    uri = next(o.partition("=")[2] for o in base if o.startswith("tracking.uri="))
+    try:
+        read_metrics(row, uri, args.experiment, args.warmup)
+    except RunError as e:
+        if row.status == "ok":
+            row.status, row.error = "no metrics", str(e)
+    return row
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (launch run checkpoints and exits), then SIGKILL of the child's own process group."""
+    import signal
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _last_error(log: Path, rc: int) -> str:
+    lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    errors = [x for x in lines if "error" in x.lower()]
+    last = (errors or lines or [f"exit {rc}"])[-1]
+    return f"exit {rc}: {last[:300]}"
+
+
+def read_metrics(row: Row, uri: str, experiment: str, warmup: int) -> None:
+    """Fill `row` from its MLflow run (found by run name): totals over the steps after `warmup`, peak memory."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{row.run_name}'") if exp else []
+    if not runs:
+        raise RunError(f"no MLflow run named {row.run_name} in experiment '{experiment}' at {uri}")
+    run = runs[0]
+    row.run_id = run.info.run_id
+    tags = run.data.tags
+    row.worker_nodes = [x for x in tags.get("scfm.worker_nodes", "").split(",") if x]
+    row.nodes = int(tags["scfm.nodes"]) if "scfm.nodes" in tags else None
+    hist = {k: {m.step: m.value for m in client.get_metric_history(row.run_id, k)} for k in (*METRICS, "peak_mem_gib")}
+    steps = sorted(s for s in hist["step_time_s"] if s > warmup)
+    if not steps:
+        raise RunError(f"run {row.run_name} logged no steps after the first {warmup} (warm-up)")
+    row.steps = len(steps)
+    dt = [hist["step_time_s"][s] for s in steps]
+    total = sum(dt)
+    for key in METRICS[:-1]:  # rates and fractions: Σ(value · step time) / Σ step time
+        setattr(row, key, sum(hist[key].get(s, 0.0) * t for s, t in zip(steps, dt)) / total)
+    row.step_time_s = total / len(steps)
+    row.peak_mem_gib = max(hist["peak_mem_gib"].values(), default=None)
+
+
+def efficiency(rows: list[Row]) -> None:
+    """Per ZeRO stage: tokens/s per worker relative to the run with the fewest workers (1 when it ran)."""
+    for zero in {r.zero for r in rows}:
+        done = [r for r in rows if r.zero == zero and r.tokens_per_s]
+        if not done:
+            continue
+        base = min(done, key=lambda r: r.workers)
+        for r in done:
+            r.efficiency = (r.tokens_per_s / r.workers) / (base.tokens_per_s / base.workers)
+
+
+COLUMNS = ("workers", "ZeRO", "nodes", "tokens/s", "tokens/s/worker", "MFU", "scaling eff.", "data stall",
+           "peak mem GiB", "step s", "status")  # fmt: skip
+
+
+def _cells(r: Row) -> list[str]:
+    def f(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    status = r.status if r.error is None else f"{r.status}: {r.error}"
+    return [str(r.workers), str(r.zero), "—" if r.nodes is None else str(r.nodes), f(r.tokens_per_s, ",.0f"),
+            f(r.tokens_per_s_per_worker, ",.0f"), f(r.mfu, ".1%"), f(r.efficiency, ".1%"), f(r.data_wait_frac, ".2%"),
+            f(r.peak_mem_gib, ".2f"), f(r.step_time_s, ".3f"), status]  # fmt: skip
+
+
+def _row_line(r: Row) -> str:
+    return "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, _cells(r))) + f"  ({r.wall_s:.0f} s)"
+
+
+def to_markdown(meta: dict[str, Any], rows: list[Row]) -> str:
+    """The table with its command, machine and date."""
+    w, n = meta["warmup"], meta["steps"]
+    head = [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+            f"- means over steps {w + 1}..{n} of each run (the first {w} are warm-up)"]  # fmt: skip
+    if meta.get("cluster_nodes"):
+        head.append(f"- two Ray nodes on one host: {', '.join(n['node_id'][:12] for n in meta['cluster_nodes'])}")
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join([*head, "", *table, ""])
+
+
+def write(out: Path, meta: dict[str, Any], rows: list[Row]) -> None:
+    (out / "scaling.md").write_text(to_markdown(meta, rows))
+    (out / "scaling.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+
+
+def print_table(meta: dict[str, Any], rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"scaling: {meta['config']}, {meta['steps']} steps ({meta['warmup']} warm-up)")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c == "status" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*_cells(r), style=None if r.status == "ok" else "red")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # a log file gets whole rows
+
+
+@contextlib.contextmanager
+def _local_mlflow(root: Path):
+    from scfm_platform.tracking import LocalServer
+
+    server = LocalServer(root)
+    url = server.start()
+    print(f"MLflow: {url} (sqlite + artifacts under {root})")
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+class TwoNodeCluster:
+    """Two Ray nodes on 127.0.0.1 (a head and a node joined to it), each `ray start --block` in its own process group
+    with half the CPUs and half the GPUs (CUDA_VISIBLE_DEVICES split between them); token auth is off (loopback).
+    Leaving the context stops both: SIGTERM to each `ray start`, then SIGKILL to what is left of its group."""
+
+    def __init__(self, logs: Path, cpus: int | None = None, gpus: int | None = None):
+        self.logs, self.cpus, self.gpu_ids = logs, cpus or len(os.sched_getaffinity(0)), _gpu_ids(gpus)
+        if self.cpus < 2:
+            raise RunError(f"--two-node splits the CPUs over two nodes; it needs --cpus ≥ 2, got {self.cpus}")
+        if len(self.gpu_ids) % 2:
+            raise RunError(f"--two-node splits the GPUs in half; {len(self.gpu_ids)} do not split (set --gpus even)")
+        self.procs: list[subprocess.Popen] = []
+        self.temps: list[str] = []
+        self.address = ""
+        self.nodes: list[dict[str, Any]] = []  # node_id, CPU, GPU of each node, head first
+
+    def env(self) -> dict[str, str]:
+        """What a `launch run` needs to run on this cluster."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
+
+    def describe(self) -> str:
+        return "; ".join(f"{n['node_id'][:12]} ({n['CPU']:g} CPU, {n['GPU']:g} GPU)" for n in self.nodes)
+
+    def __enter__(self) -> TwoNodeCluster:
+        try:
+            half_c, half_g = self.cpus // 2, len(self.gpu_ids) // 2
+            gcs = _free_port()
+            self.address = f"127.0.0.1:{gcs}"
+            head = ["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+            self._start("head", head, half_c, self.gpu_ids[:half_g])
+            _wait_for_port(gcs, self.procs[0], self.logs / "ray-head.log")
+            self._start("node", [f"--address={self.address}"], self.cpus - half_c, self.gpu_ids[half_g:])
+            self.nodes = _alive_nodes(self.address, 2, self.procs, self.logs)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+        import signal
+
+        for proc in reversed(self.procs):
+            proc.terminate()  # `ray start --block` stops the processes it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of its own process group is left
+            proc.wait()
+        for temp in self.temps:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.procs, self.temps = [], []
+
+    def _start(self, name: str, extra: list[str], cpus: int, gpus: list[str]) -> None:
+        import tempfile
+
+        temp = tempfile.mkdtemp(prefix=f"scfm-{name}-", dir="/tmp")  # short: Ray's socket paths stay < 108 chars
+        self.temps.append(temp)
+        cmd = [_ray_cli(), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+               f"--num-gpus={len(gpus)}", f"--temp-dir={temp}", "--disable-usage-stats", *extra]  # fmt: skip
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                     "runtime-env-agent-port"):  # fmt: skip
+            cmd.append(f"--{flag}={_free_port()}")  # Ray's fixed defaults would collide between the two nodes
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        with (self.logs / f"ray-{name}.log").open("w") as log:
+            self.procs.append(
+                subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+
+
+def _ray_cli() -> str:
+    import shutil
+
+    here = Path(sys.executable).parent / "ray"
+    found = str(here) if here.is_file() else shutil.which("ray")
+    if not found:
+        raise RunError("--two-node needs the `ray` command (Ray's CLI) next to this Python or on PATH")
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RunError(f"ray start exited {proc.returncode}; its log ends: {_tail(log)}")
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.settimeout(1.0)
+            s.connect(("127.0.0.1", port))
+            return
+        if time.monotonic() > deadline:
+            raise RunError(f"the Ray head did not listen on port {port} within {timeout:g} s; log: {_tail(log)}")
+        time.sleep(0.5)
+
+
+def _alive_nodes(address: str, want: int, procs: list, logs: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Connect as a driver until `want` nodes are alive; their ids and resources (head first)."""
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: not n.get("IsHeadNode", False))
+            if len(alive) >= want:
+                return [{"node_id": n["NodeID"], "CPU": n["Resources"].get("CPU", 0.0),
+                         "GPU": n["Resources"].get("GPU", 0.0)} for n in alive]  # fmt: skip
+            for proc, name in zip(procs, ("head", "node")):
+                if proc.poll() is not None:
+                    raise RunError(f"ray start ({name}) exited {proc.returncode}: {_tail(logs / f'ray-{name}.log')}")
+            if time.monotonic() > deadline:
+                raise RunError(
+                    f"{len(alive)} of {want} Ray nodes up after {timeout:g} s: {_tail(logs / 'ray-node.log')}"
+                )
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _tail(log: Path, n: int = 600) -> str:
+    return repr(log.read_text(errors="replace")[-n:]) if log.is_file() else "(no log)"
+
+
+def _gpu_ids(count: int | None) -> list[str]:
+    """Visible GPU ids (CUDA_VISIBLE_DEVICES, else all that nvidia-smi lists), the first `count` of them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x for x in visible.split(",") if x.strip()] if visible is not None else [str(i) for i in range(len(_gpus()))]
+    if count is not None and count > len(ids):
+        raise RunError(f"--gpus={count} but this host shows {len(ids)} GPUs")
+    return ids if count is None else ids[:count]
+
+
+def _gpus() -> list[str]:
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return [x.strip() for x in out.stdout.splitlines() if x.strip()] if out.returncode == 0 else []
+
+
+def host_description() -> str:
+    """CPU count and model, memory, GPUs: the `machine` line of the table."""
+    cpus = len(os.sched_getaffinity(0))
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = _gpus()
+    gpu = f"{len(gpus)}x {gpus[0]}" if gpus else "no GPU"
+    return f"{cpus} CPUs{f' ({model})' if model else ''}, {mem:.0f} GiB RAM, {gpu}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
