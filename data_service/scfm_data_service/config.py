@@ -25,8 +25,8 @@ class DataConfig:
     mask_ratio: float = 0.15  # fraction of a cell's gene tokens masked for the objective
     seed: int = 0  # seeds the per-epoch global shuffle and the masking
     val_fraction: float = 0.02  # held-out cells (by soma_joinid hash) for validation loss
-    shuffle_block_cells: int = 4096  # consecutive soma_joinids read together; the shuffle permutes blocks, then cells
-    bucket_window_batches: int = 64  # max steps per Ray Data read task (which otherwise spans ~one shuffle block)
+    shuffle_block_cells: int = 4096  # cells of a shuffle window (4 runs of consecutive soma_joinids), batched together
+    bucket_window_batches: int = 1024  # max steps per Ray Data read task (a task reads one window's steps of a rank)
     read_workers: int = 2  # Ray Data read/tokenize parallelism (concurrent read tasks; tokenizer actor pool size)
     bucket_ratio: float = 1.05  # length-bucket edges grow by this factor: padding < 1 - 1/ratio of a batch
     engine: str = "ray"  # ray (the Ray Data pipeline; training) | local (same read/tokenize code in-process)

@@ -2,11 +2,15 @@
 
 Every rank computes the same plan independently from (cells, lengths, config, epoch, world_size):
 
-1. Global permutation from (seed, epoch): blocks of `shuffle_block_cells` consecutive soma_joinids are permuted,
-   and cells are shuffled within each block (block reads stay local; the order differs every epoch).
-2. Length bucketing: each bucket's cells, in permutation order, are cut into batches of the bucket's size. The
-   batch count per bucket is ceil(n_b / size_b), so the total does not depend on the epoch.
-3. Batches are ordered by the permutation position of their last cell (the stream walks the atlas block by block).
+1. Windows: the cells (in soma_joinid order) are cut into blocks of `block / BLOCKS_PER_WINDOW` consecutive
+   cells; block k belongs to window k % n_windows, so a window is ~`block` cells from BLOCKS_PER_WINDOW places
+   spread over the atlas. Windows are the same sets every epoch; reading one is a few contiguous range reads.
+2. Shuffle from (seed, epoch): the windows are permuted and the cells shuffled within each window.
+3. Length bucketing inside a window: each bucket's cells are cut into full batches of the bucket's size; the
+   leftovers of all buckets, longest bucket first, are packed greedily (a batch opened by a cell of bucket b takes
+   up to size_b cells, all of bucket ≤ b, so the token budget holds). The batch count of a window depends only on
+   how many cells of each bucket it holds, so the epoch's batch count is the same every epoch. Batches are
+   shuffled within their window; no batch spans two windows.
 4. Rebalancing: if the batch count is not a multiple of world_size, the batches with most cells are split in
    two (adjacent halves) until it is. Nothing is dropped or repeated.
 5. Batch j goes to rank j % world_size as its step j // world_size: all ranks run the same number of steps.
@@ -52,21 +56,6 @@ def block_permutation(n: int, block: int, seed: int, epoch: int) -> np.ndarray:
     return np.lexsort((keys, block_rank[np.arange(n) // block]))
 
 
-def _split(sizes: np.ndarray, src: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split batches `which` into two adjacent halves (sizes and source offsets updated)."""
-    split = np.zeros(len(sizes), dtype=bool)
-    split[which] = True
-    reps = np.where(split, 2, 1)
-    half = sizes // 2
-    first = np.cumsum(reps) - reps
-    second = first[split] + 1
-    sizes, src = np.repeat(sizes, reps), np.repeat(src, reps)
-    sizes[first[split]] = half[split]
-    sizes[second] -= half[split]
-    src[second] += half[split]
-    return sizes, src
-
-
 @dataclass(frozen=True)
 class EpochPlan:
     """Batches of one epoch: batch j holds cells[offsets[j]:offsets[j+1]] and runs on rank j % world_size."""
@@ -75,6 +64,7 @@ class EpochPlan:
     lengths: np.ndarray  # int64 [N] token lengths of `cells`
     offsets: np.ndarray  # int64 [n_batches + 1]
     world_size: int
+    window: np.ndarray | None = None  # int64 [n_batches] read window of each batch (non-decreasing)
 
     @property
     def n_batches(self) -> int:
@@ -92,6 +82,76 @@ class EpochPlan:
         return self.cells[self.offsets[j] : self.offsets[j + 1]]
 
 
+BLOCKS_PER_WINDOW = 4  # places in the atlas a shuffled window draws from (one range read each)
+
+
+def windows(n: int, window: int, spread: int = BLOCKS_PER_WINDOW) -> np.ndarray:
+    """int64 [n]: window of each of n cells (joinid order): blocks of ~window/spread cells, block k → k % n_windows."""
+    n_windows = max(1, -(-n // max(1, window)))
+    block = max(1, -(-window // spread))
+    return (np.arange(n, dtype=np.int64) // block) % n_windows
+
+
+def _pack_leftovers(bucket: np.ndarray, win: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Batch starts (indices) over leftover cells grouped by window, bucket descending: a batch opened by a cell of
+    bucket b takes up to size[b] cells of its window."""
+    starts, i, n = [], 0, len(bucket)
+    ends = np.append(np.flatnonzero(np.diff(win)) + 1, n)
+    for end in ends.tolist():
+        while i < end:
+            starts.append(i)
+            i = min(end, i + int(size[bucket[i]]))
+    return np.asarray(starts, dtype=np.int64)
+
+
+def _windowed_batches(
+    bucket: np.ndarray, lengths: np.ndarray, win_rank: np.ndarray, keys: np.ndarray, size: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(cell pool, batch starts into it, batch sizes, batch window) with every batch inside one window: full
+    batches per (window, bucket), then each window's leftovers packed longest first (the count depends only on
+    the buckets, the exact-length order keeps the padding small)."""
+    n = len(bucket)
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z, z
+    order = np.lexsort((keys, -bucket, win_rank))  # window, bucket (longest first), shuffled
+    b, w = bucket[order], win_rank[order]
+    g_start = np.flatnonzero(np.r_[True, (np.diff(b) != 0) | (np.diff(w) != 0)])
+    g_len = np.diff(np.append(g_start, n))
+    g_size = size[b[g_start]]
+    n_full = g_len // g_size
+    # a group's first n_full × size cells form its full batches; the rest are leftovers
+    pos = np.arange(n) - np.repeat(g_start, g_len)
+    in_full = pos < np.repeat(n_full * g_size, g_len)
+    full_sizes = np.repeat(g_size, n_full)
+    full_win = np.repeat(w[g_start], n_full)
+    left = np.flatnonzero(~in_full)
+    left = left[np.lexsort((keys[order[left]], -lengths[order[left]], w[left]))]  # window, longest first
+    l_starts = _pack_leftovers(b[left], w[left], size)
+    l_sizes = np.diff(np.append(l_starts, len(left)))
+    n_in_full = int(in_full.sum())
+    pool = np.concatenate([order[in_full], order[left]])
+    starts = np.concatenate([np.cumsum(full_sizes) - full_sizes, l_starts + n_in_full])
+    sizes = np.concatenate([full_sizes, l_sizes])
+    win = np.concatenate([full_win, w[left[l_starts]]])
+    return pool, starts, sizes, win
+
+
+def _split(sizes: np.ndarray, src: np.ndarray, win: np.ndarray, which: np.ndarray):
+    """Split batches `which` into two adjacent halves (sizes, source offsets and windows updated)."""
+    split = np.zeros(len(sizes), dtype=bool)
+    split[which] = True
+    reps = np.where(split, 2, 1)
+    half = sizes // 2
+    first = np.cumsum(reps) - reps
+    second = first[split] + 1
+    sizes, src, win = np.repeat(sizes, reps), np.repeat(src, reps), np.repeat(win, reps)
+    sizes[first[split]] = half[split]
+    sizes[second] -= half[split]
+    src[second] += half[split]
+    return sizes, src, win
+
+
 def make_plan(
     joinids: np.ndarray,
     lengths: np.ndarray,
@@ -106,30 +166,28 @@ def make_plan(
     world_size: int,
     shuffle: bool = True,
 ) -> EpochPlan:
-    """Plan one epoch over cells `joinids` (int64 [N]) with token lengths `lengths` (int64 [N])."""
+    """Plan one epoch over cells `joinids` (int64 [N], sorted) with token lengths `lengths` (int64 [N]);
+    `block` is the window size in cells."""
     if world_size < 1:
         raise DataError(f"world_size={world_size} must be ≥ 1")
     n = len(joinids)
     edges = bucket_edges(max_len, bucket_ratio)
     size = bucket_batch_cells(edges, tokens_per_batch, max_cells)
-    order = block_permutation(n, max(1, block), seed, epoch) if shuffle else np.arange(n, dtype=np.int64)
     bucket = assign_buckets(lengths, edges)
-    by_bucket = order[np.argsort(bucket[order], kind="stable")]  # grouped by bucket, permutation order within
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)
-    # cut every bucket's run into batches of that bucket's size
-    counts = np.bincount(bucket, minlength=len(edges))
-    starts = []
-    run_start = 0
-    for b in np.flatnonzero(counts):
-        starts.append(np.arange(run_start, run_start + counts[b], size[b]))
-        run_start += counts[b]
-    starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
-    bounds = np.append(starts, n)
-    last = pos[by_bucket[bounds[1:] - 1]] if n else np.zeros(0, dtype=np.int64)
-    batch_order = np.argsort(last, kind="stable")
-    sizes = (bounds[1:] - bounds[:-1])[batch_order]
-    src = starts[batch_order]
+    if shuffle:
+        win = windows(n, block)
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, 0x5CF])
+        n_win = int(win.max()) + 1 if n else 0
+        rank_of = np.empty(n_win, dtype=np.int64)
+        rank_of[rng.permutation(n_win)] = np.arange(n_win)
+        win_rank, keys = rank_of[win], rng.random(n)
+    else:
+        win_rank, keys = np.arange(n, dtype=np.int64) // max(1, block), np.arange(n, dtype=np.float64)
+    pool, src, sizes, bwin = _windowed_batches(bucket, lengths, win_rank, keys, size)
+    # batches in window order, shuffled within their window
+    b_keys = rng.random(len(sizes)) if shuffle else np.arange(len(sizes), dtype=np.float64)
+    bo = np.lexsort((b_keys, bwin))
+    sizes, src, bwin = sizes[bo], src[bo], bwin[bo]
     # rebalance to a multiple of world_size by splitting the largest batches (rounds, for tiny epochs)
     need = (-len(sizes)) % world_size
     while need:
@@ -140,10 +198,9 @@ def make_plan(
                 f"{n} cells cannot be spread over world_size={world_size} ranks with equal steps; "
                 "use fewer ranks or more cells"
             )
-        sizes, src = _split(sizes, src, cand)
+        sizes, src, bwin = _split(sizes, src, bwin, cand)
         need -= len(cand)
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    idx = np.repeat(src - offsets[:-1], sizes) + np.arange(offsets[-1])
-    cells_idx = by_bucket[idx] if n else by_bucket
-    return EpochPlan(joinids[cells_idx], lengths[cells_idx], offsets, world_size)
+    idx = pool[np.repeat(src - offsets[:-1], sizes) + np.arange(offsets[-1])]
+    return EpochPlan(joinids[idx], lengths[idx], offsets, world_size, bwin)

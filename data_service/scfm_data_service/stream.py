@@ -1,11 +1,11 @@
 """`iter_batches`: the batches one training rank gets, per the contract in schema.py.
 
-Pipeline (engine="ray", the training path): the epoch plan (shuffle.py) gives this rank's steps; consecutive
-steps form read units; a Ray Data Datasource reads each unit (atlas X rows by soma_joinid, or the zarr token
-cache), `map_batches` on an actor pool tokenizes (atlas path), draws the masks and pads every step into its [B, T]
-arrays, and the consumer only turns each step's arrays into tensors. Inside a Ray Train worker the running Ray is
-used; standalone, a local Ray is started. engine="local" runs the same read and tokenize code in-process
-(notebooks, quick checks).
+Pipeline (engine="ray", the training path): the epoch plan (shuffle.py) gives this rank's steps; its steps of one
+shuffle window form a read unit (a few contiguous runs of soma_joinids, so a few range reads); a Ray Data
+Datasource reads each unit (atlas X rows, or the zarr token cache), `map_batches` on an actor pool tokenizes (atlas
+path), draws the masks and pads every step into its [B, T] arrays, and the consumer only turns each step's arrays
+into tensors. Inside a Ray Train worker the running Ray is used; standalone, a local Ray is started.
+engine="local" runs the same read and tokenize code in-process (notebooks, quick checks).
 
 Masking is a pure function of (seed, epoch, soma_joinid, position): the same cell gets the same mask in an epoch
 whatever batch, rank or engine delivers it; val uses a fixed epoch so its masks never change.
@@ -22,7 +22,6 @@ import pyarrow as pa
 import torch
 
 from scfm_data_service import schema as S
-from scfm_data_service.bucketing import bucket_batch_cells, bucket_edges
 from scfm_data_service.config import DataConfig
 from scfm_data_service.datasource import PADDED, AtlasReader, Tokenizer, Unit, ZarrReader, _csr, plan_datasource
 from scfm_data_service.errors import DataError
@@ -132,18 +131,8 @@ def epoch_plan(cfg: DataConfig, *, epoch: int, world_size: int, split: str = "tr
 
 
 def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
-    """Train steps every rank runs per epoch (the same for every epoch)."""
-    cfg = as_config(cfg)
-    cells = _cells(cfg)
-    keep = ~is_val(cells.joinids, cfg.val_fraction)
-    edges = bucket_edges(cfg.max_len, cfg.bucket_ratio)
-    size = bucket_batch_cells(edges, cfg.tokens_per_batch, cfg.max_cells_per_batch)
-    counts = np.bincount(np.searchsorted(edges, cells.lengths[keep]), minlength=len(edges))
-    n_batches = int((-(-counts // size)).sum())
-    steps = -(-n_batches // world_size)
-    if steps * world_size > int(keep.sum()):
-        raise DataError(f"{int(keep.sum())} train cells cannot be spread over world_size={world_size} ranks")
-    return steps
+    """Train steps every rank runs per epoch (the same for every epoch: windows are the same cell sets)."""
+    return epoch_plan(cfg, epoch=0, world_size=world_size).steps
 
 
 def vocab_size(cfg: DataConfig) -> int:
@@ -186,12 +175,17 @@ def step_batches(tbl: pa.Table) -> Iterator[tuple[int, dict[str, torch.Tensor]]]
 # ---------------------------------------------------------------- the stream
 
 
-def _units(plan: EpochPlan, rank: int, start_step: int, steps_per_unit: int) -> list[Unit]:
+def _units(plan: EpochPlan, rank: int, start_step: int, max_steps: int) -> list[Unit]:
+    """Read units of this rank: its steps of one plan window (a few contiguous atlas blocks), at most max_steps."""
     units = []
-    for a in range(start_step, plan.steps, steps_per_unit):
-        steps = range(a, min(a + steps_per_unit, plan.steps))
-        cells = [plan.batch(rank, s) for s in steps]
-        units.append(Unit(np.concatenate(cells), np.repeat(np.asarray(steps), [len(c) for c in cells])))
+    steps = np.arange(start_step, plan.steps)
+    win = plan.window[steps * plan.world_size + rank] if plan.window is not None else steps // max_steps
+    brk = np.flatnonzero(np.diff(win)) + 1
+    for run in np.split(steps, brk) if len(steps) else []:
+        for a in range(0, len(run), max_steps):
+            part = run[a : a + max_steps]
+            cells = [plan.batch(rank, int(s)) for s in part]
+            units.append(Unit(np.concatenate(cells), np.repeat(part, [len(c) for c in cells])))
     return units
 
 
@@ -245,10 +239,7 @@ def iter_batches(
     if not 0 <= start_step <= plan.steps:
         raise DataError(f"start_step={start_step} must be in [0, {plan.steps}] (steps per epoch)")
     cells = _cells(cfg)
-    # a read unit covers about one shuffle block of the permutation (this rank's share of it)
-    cells_per_step = max(1.0, len(plan.cells) / max(1, plan.n_batches)) * world_size
-    per_unit = min(max(1, cfg.bucket_window_batches), max(1, round(cfg.shuffle_block_cells / cells_per_step)))
-    units = _units(plan, rank, start_step, per_unit)
+    units = _units(plan, rank, start_step, max(1, cfg.bucket_window_batches))
     if not units:
         return
     reader = ZarrReader(cfg.tokens) if cfg.tokens else AtlasReader(cfg.atlas, cfg.measurement, cfg.layer)

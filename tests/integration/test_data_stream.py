@@ -22,7 +22,8 @@ from scfm_data_service import (
     write_token_cache,
 )
 from scfm_data_service.atlas import read_meta, read_obs
-from scfm_data_service.shuffle import is_val
+from scfm_data_service.shuffle import BLOCKS_PER_WINDOW, is_val
+from scfm_data_service.stream import _units, epoch_plan
 
 
 def _epoch(cfg, world, epoch, split="train", start_step=0):
@@ -151,3 +152,14 @@ def test_config_errors_name_the_key(demo_atlas):  # noqa: F811
         steps_per_epoch(small_config(demo_atlas, tokens_per_batch=100), 1)
     with pytest.raises(DataError, match=r"not an atlas|no scfm metadata"):
         steps_per_epoch(small_config("/nonexistent/atlas"), 1)
+
+
+def test_a_read_unit_is_a_few_contiguous_runs_of_the_atlas(demo_atlas):  # noqa: F811
+    cfg = small_config(demo_atlas, bucket_window_batches=1 << 20)
+    plan = epoch_plan(cfg, epoch=1, world_size=1)
+    train = np.sort(plan.cells)
+    units = _units(plan, 0, 0, cfg.bucket_window_batches)
+    assert sum(len(u.cells) for u in units) == len(train) and len(units) == int(plan.window.max()) + 1
+    for u in units:
+        pos = np.searchsorted(train, np.unique(u.cells))  # positions among the train cells
+        assert np.count_nonzero(np.diff(pos) > 1) + 1 <= BLOCKS_PER_WINDOW

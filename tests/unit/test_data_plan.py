@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scfm_data_service import DataError
-from scfm_data_service.bucketing import assign_buckets, bucket_batch_cells, bucket_edges
-from scfm_data_service.shuffle import block_permutation, is_val, make_plan
+from scfm_data_service.shuffle import BLOCKS_PER_WINDOW, block_permutation, is_val, make_plan, windows
 
 
 def _plan(n, world, epoch=0, seed=0, budget=1024, max_len=256, lengths=None, **kw):
@@ -37,9 +36,7 @@ def _plan(n, world, epoch=0, seed=0, budget=1024, max_len=256, lengths=None, **k
 @given(n=st.integers(1, 3000), world=st.integers(1, 9), epoch=st.integers(0, 5))
 def test_every_cell_exactly_once_equal_steps_within_budget(n, world, epoch):
     lengths = np.clip(np.random.default_rng(n).lognormal(4, 0.8, n).astype(np.int64), 1, 256)
-    edges = bucket_edges(256, 1.05)
-    size = bucket_batch_cells(edges, 1024, 64)
-    n_batches = int((-(-np.bincount(assign_buckets(lengths, edges), minlength=len(edges)) // size)).sum())
+    n_batches = _plan(n, 1, epoch=7, lengths=lengths)[2].n_batches  # the count does not depend on the epoch
     steps = -(-n_batches // world)
     if steps * world > n:  # fewer cells than batch slots: splitting cannot even out the ranks
         with pytest.raises(DataError, match="world_size"):
@@ -70,7 +67,8 @@ def test_step_count_is_epoch_independent_and_order_differs():
 
 
 def test_padding_is_small_with_buckets():
-    _, length, plan = _plan(20_000, 1, budget=16384, max_len=2048)
+    # ~60 buckets of 64-cell batches: a window needs many cells per bucket for its leftover batches to be few
+    _, length, plan = _plan(20_000, 1, budget=16384, max_len=2048, block=10_000)
     padded = real = 0
     for j in range(plan.n_batches):
         ls = [length[c] for c in plan.cells[plan.offsets[j] : plan.offsets[j + 1]]]
@@ -100,3 +98,24 @@ def test_val_split_is_a_stable_hash_fraction():
     assert 0.015 < v.mean() < 0.025
     assert np.array_equal(v, is_val(ids, 0.02))
     assert not is_val(ids, 0.0).any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5000), block=st.integers(1, 700), epoch=st.integers(0, 3))
+def test_batches_stay_inside_fixed_windows_and_count_is_epoch_independent(n, block, epoch):
+    joinids, _, plan = _plan(n, 1, epoch, block=block)
+    _, _, other = _plan(n, 1, epoch + 1, block=block)
+    assert plan.n_batches == other.n_batches
+    win_of = dict(zip(joinids, windows(n, block), strict=True))
+    for j in range(plan.n_batches):
+        cells = plan.cells[plan.offsets[j] : plan.offsets[j + 1]]
+        assert {win_of[c] for c in cells} == {win_of[cells[0]]}  # one window per batch
+    assert np.all(np.diff(plan.window) >= 0)  # the epoch walks the windows one by one
+
+
+def test_a_window_is_a_few_contiguous_blocks():
+    win = windows(40_000, 4096)
+    for w in range(int(win.max()) + 1):
+        idx = np.flatnonzero(win == w)
+        assert np.count_nonzero(np.diff(idx) > 1) + 1 <= BLOCKS_PER_WINDOW
+        assert abs(len(idx) - 4096) <= 4096 // BLOCKS_PER_WINDOW
