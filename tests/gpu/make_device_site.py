@@ -9,9 +9,13 @@ of the development environment, unpacks them with their file modes (Ray's gcs_se
 executable), strips what is never run (Ray's Java jars and dashboard web client, MLflow's web UI, rllib, caches),
 and writes xz tarballs:
 
-    part1.tar.xz   site/ray                         (Ray alone: the largest package)
-    part2.tar.xz   site/<everything else>           + pandas2/ (pandas 2.3, used there only if its pandas is >= 3,
-                                                      since tiledbsoma and anndata need pandas < 3)
+    part1.tar.xz   site/ray                         (Ray, the largest package)
+                   pandas2/                         (pandas 2.3, used there only if its pandas is >= 3, since
+                                                     tiledbsoma and anndata need pandas < 3)
+    part2.tar.xz   site/<everything else>
+
+Each part fits one device call together with the repository (64 MiB); both fit no call together, so a first call
+carries one part and unpacks it into /tmp, a second call on the same warm machine carries the other.
 
 `tests/gpu/device_site.sh` unpacks whichever parts it finds into /tmp/site (and /tmp/site-pandas2). The pins
 below are the closure of the run-time requirements for Python 3.12 on Linux, minus the packages the machine
@@ -26,7 +30,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 RAY = ["ray==2.60.0"]
@@ -50,7 +53,7 @@ REST = [
     "tiledbsoma==2.3.0", "typing-extensions==4.16.0", "typing-inspection==0.4.5", "umap-learn==0.5.12",
     "uvicorn==0.54.0", "wcwidth==0.9.4", "zarr==3.1.6",
 ]  # fmt: skip
-PANDAS2 = ["pandas==2.3.3"]
+PANDAS2 = ["pandas==2.3.3", "pytz==2026.6", "tzdata==2026.6"]  # pandas 2 needs pytz and tzdata (pandas 3 does not)
 DEEPSPEED = "deepspeed==0.19.8"  # sdist only: built here into a py3-none-any wheel (no compiled ops)
 
 # The machine's glibc is recent; pip matches each manylinux tag exactly, so name the common ones.
@@ -67,6 +70,9 @@ STRIP = [
     "mlflow/server/js",  # MLflow's web UI (the server's REST API and /health need none of it)
 ]
 STRIP_SUFFIXES = (".map", ".pyc")
+# Ray's native binaries ship their full symbol tables (~35 MB): `strip --strip-unneeded` keeps what loading and
+# linking need (.dynsym). Only these: libraries that auditwheel patched are left as they are.
+STRIP_SYMBOLS = ["ray/_raylet.so", "ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet"]
 
 
 def pip(*args: str) -> None:
@@ -99,6 +105,9 @@ def unpack(wheel: Path, site: Path) -> None:
 def strip(site: Path) -> None:
     for rel in STRIP:
         shutil.rmtree(site / rel, ignore_errors=True)
+    for rel in STRIP_SYMBOLS:
+        if (site / rel).exists() and shutil.which("strip"):
+            subprocess.run(["strip", "--strip-unneeded", str(site / rel)], check=True)
     for p in list(site.rglob("*")):
         if p.is_dir() and p.name == "__pycache__":
             shutil.rmtree(p, ignore_errors=True)
@@ -119,11 +128,11 @@ def wheels_for(pins: list[str], wheels: Path) -> list[Path]:
 
 
 def pack(out: Path, name: str, stage: Path, tops: list[str]) -> Path:
+    """tar + xz -9 on all cores (GNU tar keeps the file modes)."""
     path = out / name
     print(f"packing {path} ({', '.join(tops)})…", flush=True)
-    with tarfile.open(path, "w:xz", preset=9) as tar:
-        for t in tops:
-            tar.add(stage / t, arcname=t)
+    cmd = ["tar", "-C", str(stage), "-I", "xz -9 -T0", "-cf", str(path.resolve()), *tops]
+    subprocess.run(cmd, check=True)
     return path
 
 
@@ -144,11 +153,8 @@ def main() -> int:
     build_deepspeed(wheels)
 
     groups = {
-        "part1.tar.xz": {"site": wheels_for(RAY, wheels)},
-        "part2.tar.xz": {
-            "site": wheels_for(REST, wheels) + sorted(wheels.glob("deepspeed-*.whl")),
-            "pandas2": wheels_for(PANDAS2, wheels),
-        },
+        "part1.tar.xz": {"site": wheels_for(RAY, wheels), "pandas2": wheels_for(PANDAS2, wheels)},
+        "part2.tar.xz": {"site": wheels_for(REST, wheels) + sorted(wheels.glob("deepspeed-*.whl"))},
     }
     for part, tops in groups.items():
         pstage = stage / part.split(".")[0]

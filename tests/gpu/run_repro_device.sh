@@ -24,6 +24,8 @@ PY=${PY:-python3}
 OUT=${OUT:-/tmp/repro_out}
 WORK=${WORK:-/tmp/repro}
 SMOKE=${SMOKE:-0}
+# Seconds for the whole script: later steps get what is left (a device call ends at 600 s).
+BUDGET=${BUDGET:-$([ "$SMOKE" = 1 ] && echo 7200 || echo 555)}
 mkdir -p "$OUT" "$WORK/logs" "$WORK/eval"
 LOGS=$WORK/logs
 SUMMARY=$OUT/${STAGE}_summary.txt
@@ -44,17 +46,52 @@ LAUNCH=("$PY" -m scfm_launch)
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
+# pack_out: the results so far into $OUT (after every step, so a call cut off at its limit still returns them).
+pack_out() {
+    # The tracking store: sqlite + logged artifacts (text, configs); nothing over 5 MB.
+    (cd "$WORK" && find mlruns -type f -size -5M 2>/dev/null | tar -czf "$OUT/${STAGE}_mlruns.tar.gz" -T -)
+    # Eval: scores, UMAPs, comparison figures (no embeddings); run/checkpoint bookkeeping (launch.json, run.json).
+    (cd "$WORK" && { find eval -type f \( -name '*.json' -o -name '*.png' -o -name '*.txt' \) -not -path '*.zarr/*'
+        find runs -type f -name '*.json' -size -1M -not -path '*/joinids/*'; } 2>/dev/null |
+        tar -czf "$OUT/${STAGE}_eval.tar.gz" -T -)
+    # Logs: every step's output and the logs of the Ray sessions this script started (each file's last 1 MB).
+    RAYLOGS=$WORK/ray_logs
+    rm -rf "$RAYLOGS" && mkdir -p "$RAYLOGS"
+    for s in $(find "${RAY_TMPDIR:-/tmp}/ray" -maxdepth 1 -name 'session_2*' -newer "$START_MARK" 2>/dev/null); do
+        mkdir -p "$RAYLOGS/$(basename "$s")"
+        for f in "$s"/logs/*; do
+            [ -f "$f" ] && [ -s "$f" ] && tail -c 1000000 "$f" >"$RAYLOGS/$(basename "$s")/$(basename "$f")"
+        done
+    done
+    (cd "$WORK" && tar -czf "$OUT/${STAGE}_logs.tar.gz" logs ray_logs)
+}
+
+
 # step NAME LIMIT_S CMD...: run with a time limit (SIGTERM, then SIGKILL 30 s later), full output to $LOGS/NAME.log,
 # its tail to stdout, one status line to the summary.
 step() {
     local name=$1 limit=$2
     shift 2
-    local t0=$SECONDS
+    local t0=$SECONDS left=$((BUDGET - SECONDS - 30))
+    if [ $left -lt 20 ]; then
+        say "--- $name: skipped (${SECONDS}s of the ${BUDGET}s budget used)"
+        return 125
+    fi
+    [ "$limit" -gt $left ] && limit=$left
     echo "=== $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
     timeout -k 30 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     tail -n 12 "$LOGS/$name.log"
     say "--- $name: rc=$rc$([ $rc = 124 ] && echo ' (time limit)') in $((SECONDS - t0)) s"
+    if [ $rc = 124 ] || [ $rc = 137 ]; then
+        # A driver killed mid-start leaves its local Ray cluster and MLflow server (own session) behind. On the
+        # device everything running is ours: end them. (SMOKE=1 runs on a shared machine: left alone there.)
+        if [ "$SMOKE" != 1 ]; then
+            "$PY" -m ray.scripts.scripts stop --force >>"$LOGS/$name.log" 2>&1
+            for pid in $(pgrep -f -- "--backend-store-uri sqlite:///$WORK/mlruns/"); do kill -- "-$pid"; done
+        fi
+    fi
+    pack_out
     return $rc
 }
 
@@ -77,12 +114,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L | tee -a "$SUMMARY"
 # --- settings ------------------------------------------------------------------------------------------------------
 COMMON=(train.output_dir="$WORK/runs" tracking.local_dir="$WORK/mlruns")
 SYN_CELLS=3000 # synthetic cells beside the 700 PBMC cells
-ABL_LIMIT=150
+ABL_LIMIT=170
 EVAL_LIMIT=100
 STRESS=(data.atlas=synthetic:20000 train.steps=250 train.val_every=50 train.checkpoint_every=0 tracking.experiment=stress)
 STRESS_LIMIT=220
-if [ "$SMOKE" = 1 ]; then
-    SYN_CELLS=300
+if [ "$SMOKE" = 1 ]; then # a shared 2-core CPU machine: tiny runs, long limits
+    SYN_CELLS=300 ABL_LIMIT=900 EVAL_LIMIT=600 STRESS_LIMIT=900
     CPU=(resources.use_gpu=false resources.cpus_per_worker=1 model.preset=tiny train.precision=auto)
     ABL=("${CPU[@]}" train.steps=6 train.val_every=3 train.val_batches=1 train.checkpoint_every=3 train.warmup_steps=1
         data.max_len=256 data.tokens_per_batch=2048 data.max_cells_per_batch=16 data.read_workers=1)
@@ -123,23 +160,7 @@ if [ "$STAGE" = stress ] || [ "$STAGE" = all ]; then
         --tracking-uri "$TRACKING_URI" --out "$WORK/eval/stress_grad_norm.png"
 fi
 
-# --- pack $OUT -----------------------------------------------------------------------------------------------------
-say "=== packing $OUT"
-# The tracking store: sqlite + logged artifacts (text, configs); nothing over 5 MB.
-(cd "$WORK" && find mlruns -type f -size -5M 2>/dev/null | tar -czf "$OUT/${STAGE}_mlruns.tar.gz" -T -)
-# Eval: scores, UMAPs, comparison figures (no embeddings); run/checkpoint bookkeeping (launch.json, run.json).
-(cd "$WORK" && { find eval -type f \( -name '*.json' -o -name '*.png' -o -name '*.txt' \) -not -path '*.zarr/*'
-    find runs -type f -name '*.json' -size -1M -not -path '*/joinids/*'; } 2>/dev/null |
-    tar -czf "$OUT/${STAGE}_eval.tar.gz" -T -)
-# Logs: every step's output and the logs of the Ray sessions this script started (each file's last 1 MB).
-RAYLOGS=$WORK/ray_logs
-rm -rf "$RAYLOGS" && mkdir -p "$RAYLOGS"
-for s in $(find "${RAY_TMPDIR:-/tmp}/ray" -maxdepth 1 -name 'session_2*' -newer "$START_MARK" 2>/dev/null); do
-    mkdir -p "$RAYLOGS/$(basename "$s")"
-    for f in "$s"/logs/*; do
-        [ -f "$f" ] && [ -s "$f" ] && tail -c 1000000 "$f" >"$RAYLOGS/$(basename "$s")/$(basename "$f")"
-    done
-done
-(cd "$WORK" && tar -czf "$OUT/${STAGE}_logs.tar.gz" logs ray_logs)
+say "=== done in ${SECONDS}s"
+pack_out
 ls -la "$OUT" | tee -a "$SUMMARY"
 grep -h -- '^--- ' "$SUMMARY"
