@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.two_node:
             cluster = stack.enter_context(TwoNodeCluster(out / "logs", cpus=args.cpus, gpus=args.gpus))
             env |= cluster.env()
-            meta["cluster_nodes"] = cluster.nodes
+            meta["cluster_address"], meta["cluster_nodes"] = cluster.address, cluster.nodes
             print(f"two Ray nodes on this host at {cluster.address}: {cluster.describe()}")
         rows = []
         for zero in zeros:
