@@ -37,6 +37,9 @@ EXAMPLES = """examples:
 """
 # Set by the script for every cell; change them with --workers, --zero, --steps and --out instead.
 OWNED = ("resources.num_workers", "deepspeed.zero_stage", "tracking.experiment", "tracking.run_name", "train.steps")
+# NVLink multicast stays off on shared GPU hosts (it can take the host's GPUs out of service); set where unset, so
+# the Ray nodes and every run inherit it.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 METRICS = ("tokens_per_s", "tokens_per_s_per_worker", "cells_per_s", "mfu", "data_wait_frac", "step_time_s")
 
 
@@ -83,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/scaling/{cfg.name}-{stamp}").resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     base = [*base, f"train.output_dir={out / 'runs'}"]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+    for key, value in NO_MULTICAST.items():
+        os.environ.setdefault(key, value)
+    env = dict(os.environ)
     meta: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "scfm_platform.scaling", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
