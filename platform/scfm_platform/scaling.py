@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{owned[0]!r}: the script sets {', '.join(OWNED)}; use --workers/--zero/--steps")
         base = _base_overrides(args)
         cfg = load_config(args.config, [*base, f"resources.num_workers={max(workers)}"])  # fails here, not per run
-    except ConfigError as e:
+        cluster = TwoNodeCluster(cpus=args.cpus, gpus=args.gpus) if args.two_node else None
+    except (ConfigError, RunError) as e:
         print(f"scaling: error: {e}", file=sys.stderr)
         return 2
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -98,14 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "two_node": args.two_node,
     }
+    rows: list[Row] = []
     with contextlib.ExitStack() as stack:
-        uri = cfg.tracking.uri or stack.enter_context(_local_mlflow(out / "mlflow"))
-        if args.two_node:
-            cluster = stack.enter_context(TwoNodeCluster(out / "logs", cpus=args.cpus, gpus=args.gpus))
-            env |= cluster.env()
-            meta["cluster_address"], meta["cluster_nodes"] = cluster.address, cluster.nodes
-            print(f"two Ray nodes on this host at {cluster.address}: {cluster.describe()}")
-        rows = []
+        try:
+            uri = cfg.tracking.uri or stack.enter_context(_local_mlflow(out / "mlflow"))
+            if cluster is not None:
+                stack.enter_context(cluster.logging_to(out / "logs"))
+                env |= cluster.env()
+                meta["cluster_address"], meta["cluster_nodes"] = cluster.address, cluster.nodes
+                print(f"two Ray nodes on this host at {cluster.address}: {cluster.describe()}", flush=True)
+        except RunError as e:  # no MLflow server or no cluster: no run can start
+            print(f"scaling: error: {e}", file=sys.stderr)
+            return 1
         for zero in zeros:
             for n in workers:
                 row = run_cell(args, n, zero, [*base, f"tracking.uri={uri}"], out, env, stamp)
@@ -177,6 +182,9 @@ def run_cell(args, workers: int, zero: int, base: list[str], out: Path, env: dic
         except subprocess.TimeoutExpired:
             _stop(proc)
             rc = None
+        except KeyboardInterrupt:  # the child has its own session: Ctrl-C reaches only this process
+            _stop(proc)
+            raise
     row.wall_s = time.monotonic() - t0
     if rc != 0:
         row.status = "timeout" if rc is None else "failed"
@@ -301,7 +309,7 @@ def _local_mlflow(root: Path):
 
     server = LocalServer(root)
     url = server.start()
-    print(f"MLflow: {url} (sqlite + artifacts under {root})")
+    print(f"MLflow: {url} (sqlite + artifacts under {root})", flush=True)
     try:
         yield url
     finally:
@@ -313,8 +321,8 @@ class TwoNodeCluster:
     with half the CPUs and half the GPUs (CUDA_VISIBLE_DEVICES split between them); token auth is off (loopback).
     Leaving the context stops both: SIGTERM to each `ray start`, then SIGKILL to what is left of its group."""
 
-    def __init__(self, logs: Path, cpus: int | None = None, gpus: int | None = None):
-        self.logs, self.cpus, self.gpu_ids = logs, cpus or len(os.sched_getaffinity(0)), _gpu_ids(gpus)
+    def __init__(self, cpus: int | None = None, gpus: int | None = None):
+        self.cpus, self.gpu_ids = cpus or len(os.sched_getaffinity(0)), _gpu_ids(gpus)
         if self.cpus < 2:
             raise RunError(f"--two-node splits the CPUs over two nodes; it needs --cpus ≥ 2, got {self.cpus}")
         if len(self.gpu_ids) % 2:
@@ -323,6 +331,12 @@ class TwoNodeCluster:
         self.temps: list[str] = []
         self.address = ""
         self.nodes: list[dict[str, Any]] = []  # node_id, CPU, GPU of each node, head first
+        self.logs = Path(".")  # where ray-head.log and ray-node.log go
+
+    def logging_to(self, logs: Path) -> TwoNodeCluster:
+        """This cluster, its `ray start` output going to `logs`."""
+        self.logs = logs
+        return self
 
     def env(self) -> dict[str, str]:
         """What a `launch run` needs to run on this cluster."""

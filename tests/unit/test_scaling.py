@@ -58,6 +58,7 @@ def test_efficiency_without_a_one_worker_run_uses_the_fewest_workers():
         (["--steps", "5", "--warmup", "5"], r"--warmup=5 must be ≥ 0 and below --steps=5"),
         (["resources.num_workers=4"], r"'resources.num_workers=4': the script sets resources.num_workers, deepspeed"),
         (["model.preset=huge"], r"model.preset='huge' is not allowed"),
+        (["--two-node", "--cpus", "1"], r"--two-node splits the CPUs over two nodes; it needs --cpus ≥ 2, got 1"),
     ],
 )
 def test_bad_arguments_are_one_line_exit_2(argv, pattern, capsys):
