@@ -94,6 +94,27 @@ def _step_table(unit: Unit, cell_off: np.ndarray, names: tuple[str, str], a: np.
 _MAX_RANGE_READS = 8  # a few small runs are read as ranges; more go in one point read (each query costs ~50 ms)
 
 
+_MAX_SEGMENTS = 256  # more row-sorted segments than this in one read: sort by row first
+
+
+def _scatter(local, g, c, base, n_ids, genes, counts) -> None:
+    """genes/counts[base[row] + rank of the entry within its row] = g/c, for entries in a few row-sorted segments."""
+    brk = np.flatnonzero(np.diff(local) < 0) + 1
+    if len(brk) > _MAX_SEGMENTS:
+        order = np.argsort(local.astype(np.uint16 if n_ids <= 1 << 16 else np.int64), kind="stable")
+        local, g, c, brk = local[order], g[order], c[order], brk[:0]
+    seen = np.zeros(n_ids, dtype=np.int64)
+    for a, b in zip(np.r_[0, brk].tolist(), np.r_[brk, len(local)].tolist(), strict=True):
+        ls = local[a:b]
+        cnt = np.bincount(ls, minlength=n_ids)
+        run_start = np.cumsum(cnt) - cnt  # within this segment
+        dest = base[ls] + seen[ls] - run_start[ls]
+        dest += np.arange(b - a, dtype=np.int64)
+        genes[dest] = g[a:b]
+        counts[dest] = c[a:b]
+        seen += cnt
+
+
 @dataclass(frozen=True)
 class AtlasReader:
     """Raw counts of cells from the atlas X layer."""
@@ -119,13 +140,15 @@ class AtlasReader:
         )
 
     def read_csr(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(indptr int64 [n+1], genes int32 [nnz], counts float32 [nnz]) of `cells`, in that order.
+        """(indptr int64 [n+1], genes int32 [nnz], counts float32 [nnz]) of `cells` (distinct), in that order.
 
         Runs of joinids (gaps ≤ 64) are read as ranges; only when a unit has very many small runs are those read
-        as one point read (TileDB point reads over many fragments are slow).
-        Reads are unordered (several times faster than row-major); each part's rows are grouped by a counting
-        pass (radix argsort on small local row ids) instead of a global sort."""
-        uniq = np.unique(cells)
+        as one point read (TileDB point reads over many fragments are slow). Reads are unordered (several times
+        faster than row-major) and come back as a few row-sorted segments: every entry is scattered straight to
+        its place in the output (its cell's start in plan order + its rank within the cell), no sort or gather."""
+        uniq, first = np.unique(cells, return_index=True)
+        if len(uniq) != len(cells):
+            raise DataError(f"read_csr got {len(cells) - len(uniq)} repeated soma_joinids; cells must be distinct")
         runs = np.split(uniq, np.flatnonzero(np.diff(uniq) > 64) + 1)
         small = [r for r in runs if len(r) < 256]
         few = len(small) <= _MAX_RANGE_READS
@@ -133,34 +156,29 @@ class AtlasReader:
         if small and not few:
             pts = np.concatenate(small)
             parts.append((pts, pts))
-        start_u = np.zeros(len(uniq), dtype=np.int64)
-        len_u = np.zeros(len(uniq), dtype=np.int64)
-        all_g, all_c, base = [], [], 0
+        reads, len_u = [], np.zeros(len(uniq), dtype=np.int64)
         for need, coords in parts:
             rows, g, c = self._read(coords)
             if isinstance(coords, slice):
                 n_ids, local, pos = coords.stop - coords.start + 1, rows - coords.start, need - coords.start
             else:
                 n_ids, local, pos = len(need), np.searchsorted(need, rows), np.arange(len(need))
-            if len(local) > 1 and (np.diff(local) < 0).any():
-                order = np.argsort(local.astype(np.uint16 if n_ids <= 1 << 16 else np.int64), kind="stable")
-                g, c = g[order], c[order]
-            ip = np.zeros(n_ids + 1, dtype=np.int64)
-            np.cumsum(np.bincount(local, minlength=n_ids), out=ip[1:])
+            cnt = np.bincount(local, minlength=n_ids)
             at = np.searchsorted(uniq, need)
-            start_u[at] = base + ip[pos]
-            len_u[at] = ip[pos + 1] - ip[pos]
-            all_g.append(g)
-            all_c.append(c)
-            base += len(g)
-        genes = np.concatenate(all_g) if all_g else np.zeros(0, np.int32)
-        counts = np.concatenate(all_c) if all_c else np.zeros(0, np.float32)
-        sel = np.searchsorted(uniq, cells)
-        lens = len_u[sel]
+            len_u[at] = cnt[pos]
+            reads.append((local, g, c, n_ids, pos, at, cnt))
         out = np.zeros(len(cells) + 1, dtype=np.int64)
-        np.cumsum(lens, out=out[1:])
-        idx = np.repeat(start_u[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
-        return out, genes[idx], counts[idx]
+        np.cumsum(len_u[np.searchsorted(uniq, cells)], out=out[1:])
+        total = int(out[-1])
+        start_u = out[:-1][first]  # output start of each uniq cell (plan order)
+        trash = max((int(r[6].max()) for r in reads if len(r[6])), default=0)  # rows read but not asked for
+        genes = np.empty(total + trash, dtype=np.int32)
+        counts = np.empty(total + trash, dtype=np.float32)
+        for local, g, c, n_ids, pos, at, _ in reads:
+            base = np.full(n_ids, total, dtype=np.int64)
+            base[pos] = start_u[at]
+            _scatter(local, g, c, base, n_ids, genes, counts)
+        return out, genes[:total], counts[:total]
 
     def read(self, unit: Unit) -> pa.Table:
         out, genes, counts = self.read_csr(unit.cells)

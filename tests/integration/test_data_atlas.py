@@ -147,3 +147,33 @@ def test_demo_atlas_has_labelled_pbmc_and_synthetic_cells(demo_atlas):  # noqa: 
     assert syn.min() >= 100 and syn.quantile(0.9) > 1000  # hundreds to thousands of genes per cell
     x = _x(demo_atlas)
     assert np.all(x.data == np.rint(x.data)) and x.data.min() >= 1  # integer raw counts, PBMC included
+
+
+@pytest.mark.parametrize("max_segments", [256, -1])  # -1: every read takes the sort-by-row path
+def test_read_csr_returns_the_asked_rows_in_the_asked_order(demo_atlas, monkeypatch, max_segments):  # noqa: F811
+    from scfm_data_service import datasource
+    from scfm_data_service.datasource import AtlasReader
+
+    monkeypatch.setattr(datasource, "_MAX_SEGMENTS", max_segments)
+
+    x = _x(demo_atlas)
+    reader = AtlasReader(demo_atlas)
+    rng = np.random.default_rng(0)
+    n = x.shape[0]
+    cases = [
+        rng.permutation(np.arange(100, 900)),  # one range read, rows read through small gaps
+        rng.permutation(np.concatenate([np.arange(0, 300), np.arange(n - 300, n)])),  # two ranges
+        rng.choice(n, 40, replace=False),  # many small runs: one point read
+        np.array([n - 1, 0]),
+    ]
+    for cells in cases:
+        indptr, genes, counts = reader.read_csr(cells)
+        want = x[cells]
+        want.sort_indices()
+        assert np.array_equal(indptr, want.indptr)
+        for i in range(len(cells)):  # the order within a cell is free; compare as sorted (gene, count) pairs
+            a, b = indptr[i], indptr[i + 1]
+            o = np.argsort(genes[a:b])
+            assert np.array_equal(genes[a:b][o], want.indices[a:b]) and np.allclose(counts[a:b][o], want.data[a:b])
+    with pytest.raises(DataError, match="repeated"):
+        reader.read_csr(np.array([3, 5, 3]))
