@@ -137,7 +137,7 @@ if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then
     if [ ! -d "$ATLAS" ]; then
         step atlas_demo 90 "${LAUNCH[@]}" atlas demo "$ATLAS" --synthetic-cells "$SYN_CELLS" --quiet
     fi
-    step atlas_info 60 "${LAUNCH[@]}" atlas info "$ATLAS"
+    step atlas_info 45 "${LAUNCH[@]}" atlas info "$ATLAS"
     for att in sigmoid softmax; do
         step "run_ablation_$att" "$ABL_LIMIT" "${LAUNCH[@]}" run "configs/repro_ablation_$att.yaml" \
             data.atlas="$ATLAS" "${COMMON[@]}" "${ABL[@]}" --no-progress --worker-logs
@@ -154,7 +154,7 @@ fi
 if [ "$STAGE" = stress ] || [ "$STAGE" = all ]; then
     for att in sigmoid softmax; do
         step "run_stress_$att" "$STRESS_LIMIT" "${LAUNCH[@]}" run "configs/stress_160m_8k_noclip_$att.yaml" \
-            "${STRESS[@]}" "${COMMON[@]}" --no-progress --worker-logs
+            "${STRESS[@]}" "${COMMON[@]}" tracking.run_name="stress-$att" --no-progress --worker-logs
     done
     step compare_stress 90 "${LAUNCH[@]}" compare --experiment stress --metric grad_norm \
         --tracking-uri "$TRACKING_URI" --out "$WORK/eval/stress_grad_norm.png"
