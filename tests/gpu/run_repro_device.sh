@@ -49,10 +49,10 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 # pack_out: the results so far into $OUT (after every step, so a call cut off at its limit still returns them).
 pack_out() {
     # The tracking store: sqlite + logged artifacts (text, configs); nothing over 5 MB.
-    (cd "$WORK" && find mlruns -type f -size -5M 2>/dev/null | tar -czf "$OUT/${STAGE}_mlruns.tar.gz" -T -)
+    (cd "$WORK" && find mlruns -type f -size -5120k 2>/dev/null | tar -czf "$OUT/${STAGE}_mlruns.tar.gz" -T -)
     # Eval: scores, UMAPs, comparison figures (no embeddings); run/checkpoint bookkeeping (launch.json, run.json).
     (cd "$WORK" && { find eval -type f \( -name '*.json' -o -name '*.png' -o -name '*.txt' \) -not -path '*.zarr/*'
-        find runs -type f -name '*.json' -size -1M -not -path '*/joinids/*'; } 2>/dev/null |
+        find runs -type f -name '*.json' -size -1024k -not -path '*/joinids/*'; } 2>/dev/null |
         tar -czf "$OUT/${STAGE}_eval.tar.gz" -T -)
     # Logs: every step's output and the logs of the Ray sessions this script started (each file's last 1 MB).
     RAYLOGS=$WORK/ray_logs
