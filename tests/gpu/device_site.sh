@@ -22,11 +22,13 @@ for _p in site pandas2; do
 done
 unset _p
 
+# Sourcing again gives the same PYTHONPATH: built on the one found the first time.
+export DEVSITE_PYTHONPATH0="${DEVSITE_PYTHONPATH0-${PYTHONPATH:-}}"
 _pp="$DEVSITE_DIR/site"
 if [ -d "$DEVSITE_DIR/pandas2" ] &&
-    ! python3 -c 'import sys, pandas; sys.exit(int(pandas.__version__.split(".")[0]) >= 3)' 2>/dev/null; then
+    ! env -u PYTHONPATH python3 -c 'import sys, pandas; sys.exit(int(pandas.__version__.split(".")[0]) >= 3)' 2>/dev/null; then
     _pp="$DEVSITE_DIR/pandas2:$_pp"
 fi
-export PYTHONPATH="$_pp:$PWD/kernels:$PWD/platform:$PWD/data_service:$PWD/launch${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$_pp:$PWD/kernels:$PWD/platform:$PWD/data_service:$PWD/launch${DEVSITE_PYTHONPATH0:+:$DEVSITE_PYTHONPATH0}"
 unset _pp
 echo "device_site: PYTHONPATH=$PYTHONPATH" >&2

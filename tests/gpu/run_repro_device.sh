@@ -110,6 +110,10 @@ import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi -L | tee -a "$SUMMARY"
+if ! "$PY" -c 'import ray, deepspeed, tiledbsoma, mlflow, scanpy, zarr, omegaconf' >/dev/null 2>&1; then
+    say "packages missing (see above): carry both .devsite parts (tests/gpu/device_site.sh); stopping"
+    exit 3
+fi
 
 # --- settings ------------------------------------------------------------------------------------------------------
 COMMON=(train.output_dir="$WORK/runs" tracking.local_dir="$WORK/mlruns")
