@@ -1,5 +1,8 @@
 """Benchmark: `python -m scfm_kernels.bench [--quick] [--out DIR] [--no-compare]` (needs a CUDA GPU).
 
+    python -m scfm_kernels.bench --dims 128 --lengths 8192,16384 --pads 0 --ts-dims "" --no-sigmoid-study
+        # a subset: D = 128 dense at 8K and 16K, with SDPA but without TritonSigmoid
+
 Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 2048 / D, dense and 25% / 50%
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False). TFLOPS use the FlashAttention convention: 4·B·H·L²·D forward,
 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
@@ -78,13 +81,21 @@ def _triton_sigmoid(full_autotune: bool):
     return triton_sigmoid
 
 
-def run_table(quick: bool, compare: bool, ts_dims: tuple[int, ...], ts_full: bool) -> list[Row]:
+def run_table(
+    quick: bool,
+    compare: bool,
+    ts_dims: tuple[int, ...],
+    ts_full: bool,
+    dims: tuple[int, ...] = (64, 128),
+    lengths: tuple[int, ...] = (4096, 8192, 16384),
+    pads: tuple[float, ...] = (0.0, 0.25, 0.5),
+) -> list[Row]:
     ts = _triton_sigmoid(ts_full) if compare and ts_dims else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[Row] = []
-    for D in (64, 128):
-        for L in (4096, 8192) if quick else (4096, 8192, 16384):
-            for pad in (0.0, 0.25, 0.5):
+    for D in dims:
+        for L in [n for n in lengths if n <= 8192] if quick else lengths:
+            for pad in pads:
                 B, H = 16384 // L, 2048 // D
                 q, k, v, lens = _inputs(B, L, H, D, pad, gen)
                 flops = sum(4.0 * H * D * n * n for n in lens.tolist())
@@ -204,6 +215,9 @@ def main() -> None:
     parser.add_argument("--ts-full-autotune", action="store_true", help="TritonSigmoid with all its configs")
     parser.add_argument("--no-sigmoid-study", action="store_true", help="skip the exact-vs-tanh study")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
+    parser.add_argument("--dims", default="64,128", help="head dims (comma list)")
+    parser.add_argument("--lengths", default="4096,8192,16384", help="padded lengths L (comma list)")
+    parser.add_argument("--pads", default="0,0.25,0.5", help="padding fractions (comma list)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")
@@ -216,14 +230,19 @@ def main() -> None:
         result["sigmoid_study"] = study
     print(HEADER, flush=True)
     ts_dims = tuple(int(d) for d in args.ts_dims.split(",") if d)
-    rows = run_table(args.quick, not args.no_compare, ts_dims, args.ts_full_autotune)
+    dims = tuple(int(d) for d in args.dims.split(",") if d)
+    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
+    pads = tuple(float(x) for x in args.pads.split(",") if x)
+    rows = run_table(args.quick, not args.no_compare, ts_dims, args.ts_full_autotune, dims, lengths, pads)
     result["rows"] = rows
     print("\n" + HEADER)
     for row in rows:
         print(_format_row(row))
-    for D in (64, 128):
+    for D in dims:
         for L in sorted({r["L"] for r in rows}):
-            dense = next(r for r in rows if r["D"] == D and r["L"] == L and r["pad"] == 0)
+            dense = next((r for r in rows if r["D"] == D and r["L"] == L and r["pad"] == 0), None)
+            if dense is None:
+                continue
             for r in rows:
                 if r["D"] == D and r["L"] == L and r["pad"] > 0:
                     print(
