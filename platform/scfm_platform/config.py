@@ -51,7 +51,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global grad-norm clip; 0 turns clipping off (stress test)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 0  # seeds model init and dropout
-    log_every: int = 1  # steps between metric logs
+    log_every: int = 0  # steps between reports to Ray Train (progress bar, run history); 0: time-based only
+    report_every_s: float = 10.0  # seconds between those reports (MLflow gets every step regardless)
     val_every: int = 50  # steps between validation losses (0: never)
     val_batches: int = 8  # batches per validation pass
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
@@ -168,7 +169,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.warmup_steps": (0, None, True),
     "train.weight_decay": (0.0, None, True),
     "train.grad_clip": (0.0, None, True),
-    "train.log_every": (1, None, True),
+    "train.log_every": (0, None, True),
+    "train.report_every_s": (0.0, None, True),
     "train.val_every": (0, None, True),
     "train.val_batches": (1, None, True),
     "train.checkpoint_every": (0, None, True),

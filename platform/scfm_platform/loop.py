@@ -60,6 +60,7 @@ def train_loop(payload: dict[str, Any]) -> None:
     stream = _stream(cfg, rank, world, state, per_epoch)
     stop_file = Path(payload["stop_file"]) if payload.get("stop_file") else None
     joinid_log = Path(payload["joinid_log"]) / f"rank{rank}.jsonl" if payload.get("joinid_log") else None
+    last_report = time.monotonic()
     while state.step < end:
         t_ask = time.perf_counter()
         epoch, pos, batch = next(stream)
@@ -75,8 +76,14 @@ def train_loop(payload: dict[str, Any]) -> None:
         flops = batch_flops(dims, batch[schema.SEQ_LENS], n_masked, gene_head=obj != "value", binned_value=binned)
         lens = batch[schema.SEQ_LENS]
         asked = float(stop_file is not None and stop_file.exists())  # driver got SIGINT/SIGTERM
-        sums = _all_sum([loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values()), asked])
+        # A Ray Train report is a collective of every worker and costs about a second, so rank 0 decides by the
+        # clock when one is due and the decision travels in this all-reduce (every rank reports at the same step).
+        due = float(rank == 0 and time.monotonic() - last_report >= cfg.train.report_every_s)
+        sums = _all_sum(
+            [loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values()), due, asked]
+        )
         interrupted = sums.pop() > 0  # summed over ranks: all of them stop at the same step
+        report_due = sums.pop() > 0
         loss_mean = sums[0] / world
         reason = guard.check(loss_mean, gnorm)
         if reason is not None:
@@ -109,8 +116,10 @@ def train_loop(payload: dict[str, Any]) -> None:
         save = save or interrupted
         if log is not None:
             log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
-        if save or state.step % cfg.train.log_every == 0:
+        every = cfg.train.log_every and state.step % cfg.train.log_every == 0
+        if save or report_due or every or "val_loss" in metrics or state.step == 1:
             _report(engine, metrics, state, rank, save)
+            last_report = time.monotonic()
         timer.lap()  # validation and checkpoint time is not the next step's
         if interrupted:
             break
