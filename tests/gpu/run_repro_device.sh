@@ -148,7 +148,7 @@ if [ "$STAGE" = ablation ] || [ "$STAGE" = all ]; then
     done
     for att in sigmoid softmax; do
         step "eval_ablation_$att" "$EVAL_LIMIT" "${LAUNCH[@]}" eval "$WORK/runs/ablation-$att" --data "$ATLAS" \
-            --label cell_type --out "$WORK/eval/$att"
+            --label cell_type --datasets pbmc68k_reduced --out "$WORK/eval/$att"
     done
     step compare_ablation 90 "${LAUNCH[@]}" compare --experiment ablation --metric val_loss \
         --tracking-uri "$TRACKING_URI" --out "$WORK/eval/ablation_curves.png"

@@ -117,6 +117,36 @@ def test_launch_eval_end_to_end(trained, tmp_path, capsys):
     assert run.info.status == "FINISHED"
 
 
+def test_launch_eval_one_dataset(trained, tmp_path, capsys):
+    """--datasets: only the labelled PBMC cells are embedded and scored; an unknown name is one line, exit 2."""
+    import scfm_data_service
+    from scfm_platform.eval.embed import read_zarr
+
+    atlas, ckpt, _, uri = trained
+    out = tmp_path / "pbmc"
+    argv = [
+        "eval",
+        str(ckpt),
+        "--data",
+        atlas,
+        "--out",
+        str(out),
+        "--tracking-uri",
+        uri,
+        "--datasets",
+        "pbmc68k_reduced",
+    ]
+    assert _launch(argv) == 0
+    obs = scfm_data_service.read_obs(atlas, ["dataset_id"])
+    pbmc = np.sort(obs.index[obs["dataset_id"] == "pbmc68k_reduced"].to_numpy())
+    joinids, X, _ = read_zarr(out / "embeddings.zarr")
+    assert len(pbmc) == 700 and np.array_equal(joinids, pbmc) and X.shape[0] == 700
+    capsys.readouterr()
+    assert _launch(["eval", str(ckpt), "--data", atlas, "--out", str(tmp_path / "x"), "--datasets", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no dataset 'nope'" in err and "pbmc68k_reduced" in err and "Traceback" not in err
+
+
 def test_loads_strict_and_rejects_another_model_size(trained):
     from dataclasses import replace
 

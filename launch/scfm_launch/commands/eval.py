@@ -11,6 +11,7 @@ HELP = "embed cells with a checkpoint and score cell-type separation (ASW, kNN, 
 EXAMPLES = """  launch eval runs/demo/run-20260101-120000-000/checkpoint_00000050 --data atlases/demo
   launch eval runs/demo --data atlases/demo            (newest checkpoint of the newest run of job 'demo')
   launch eval runs/ablation-sigmoid/run-*/ --data /data/pbmc_atlas --label cell_type --out eval/sigmoid
+  launch eval runs/ablation-sigmoid --data atlases/demo --datasets pbmc68k_reduced   (the labelled PBMC cells only)
 """
 
 
@@ -29,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tracking-uri", metavar="URI", help="MLflow tracking URI (default: the one the checkpoint's run logged to)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the kNN graph, Leiden, UMAP and CV folds")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="NAME",
+        help="embed and score only the cells of these datasets (obs dataset_id; `launch atlas info` lists them)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     ckpt = find_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else Path("eval") / f"{ckpt.parent.name}-{ckpt.name}"
     res = evaluate_checkpoint(
-        ckpt, args.data, out_dir=out, label=args.label, tracking_uri=args.tracking_uri, seed=args.seed
+        ckpt,
+        args.data,
+        out_dir=out,
+        label=args.label,
+        tracking_uri=args.tracking_uri,
+        seed=args.seed,
+        datasets=args.datasets,
     )
     console = Console()
     console.print(scores_table(res.scores))

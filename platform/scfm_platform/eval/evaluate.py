@@ -131,8 +131,10 @@ def evaluate_checkpoint(
     label: str = "cell_type",
     tracking_uri: str | None = None,
     seed: int = 0,
+    datasets: Sequence[str] | None = None,
 ) -> EvalResult:
-    """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`.
+    """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`; with `datasets`,
+    only the cells of those datasets (obs `dataset_id`) are embedded, written and scored.
 
     `checkpoint`: a checkpoint directory, or a run directory (its newest checkpoint). Scores go to the MLflow run
     that trained the checkpoint, at `tracking_uri`, else the URI it trained with; when that was the local server
@@ -157,9 +159,18 @@ def evaluate_checkpoint(
             f"{data}: its gene vocabulary gives {n_vocab} tokens but {ckpt} was trained with {model.dims.vocab_size}; "
             "evaluate on an atlas with the training atlas's genes"
         )
-    batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
-    joinids, X = embed_cells(model, batches)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
+    keep = _dataset_filter(obs, datasets, data)
+    batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
+    if keep is not None:
+        import torch
+
+        from scfm_data_service import schema
+
+        rows = ((b, torch.isin(b[schema.SOMA_JOINID], keep)) for b in batches)
+        batches = ({k: v[m] for k, v in b.items()} for b, m in rows if m.any())
+        obs = obs.loc[keep.numpy()]
+    joinids, X = embed_cells(model, batches)
     tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": str(data)}
     if source_run:
         tags[runs.SOURCE_RUN_TAG] = source_run
@@ -176,6 +187,20 @@ def evaluate_checkpoint(
             experiment=cfg.tracking.experiment,
             tags=tags,
         )
+
+
+def _dataset_filter(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) -> torch.Tensor | None:
+    """soma_joinids [N] of the cells in `datasets`, or None for all; unknown names are an error listing the known."""
+    import torch
+
+    if not datasets:
+        return None
+    known = sorted(obs["dataset_id"].astype(str).unique())
+    unknown = [d for d in datasets if d not in known]
+    if unknown:
+        raise RunError(f"{data}: no dataset {', '.join(map(repr, unknown))}; its datasets: {', '.join(known)}")
+    ids = obs.index[obs["dataset_id"].astype(str).isin(list(datasets))].to_numpy()
+    return torch.as_tensor(np.sort(ids), dtype=torch.int64)
 
 
 def _existing_run(uri: str | None, run_id: str | None) -> str | None:
