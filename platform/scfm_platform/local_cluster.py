@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scfm_platform.errors import RunError
+from scfm_platform.tracking import free_port
 
 
 class TwoNodeCluster:
@@ -48,9 +49,9 @@ class TwoNodeCluster:
     def __enter__(self) -> TwoNodeCluster:
         try:
             half_c, half_g = self.cpus // 2, len(self.gpu_ids) // 2
-            gcs = _free_port()
+            gcs = free_port()
             self.address = f"127.0.0.1:{gcs}"
-            head = ["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+            head = ["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
             self._start("head", head, half_c, self.gpu_ids[:half_g])
             _wait_for_port(gcs, self.procs[0], self.logs / "ray-head.log")
             self._start("node", [f"--address={self.address}"], self.cpus - half_c, self.gpu_ids[half_g:])
@@ -83,7 +84,7 @@ class TwoNodeCluster:
                f"--num-gpus={len(gpus)}", f"--temp-dir={temp}", "--disable-usage-stats", *extra]  # fmt: skip
         for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                      "runtime-env-agent-port"):  # fmt: skip
-            cmd.append(f"--{flag}={_free_port()}")  # Ray's fixed defaults would collide between the two nodes
+            cmd.append(f"--{flag}={free_port()}")  # Ray's fixed defaults would collide between the two nodes
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         if gpus:
@@ -102,13 +103,6 @@ def _ray_cli() -> str:
     if not found:
         raise RunError("--two-node needs the `ray` command (Ray's CLI) next to this Python or on PATH")
     return found
-
-
-def _free_port() -> int:
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
