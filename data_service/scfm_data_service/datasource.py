@@ -18,6 +18,8 @@ with one read task per unit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,25 @@ from scfm_data_service.schema import MASK_ID, PAD_ID
 from scfm_data_service.tokenize import tokenize
 
 _OPEN: dict[tuple, object] = {}  # per-process cache of opened arrays (Ray workers are reused across tasks)
+_READS: list[tuple[str, int, int]] | None = None  # set by record_reads
+
+
+@contextmanager
+def record_reads() -> Iterator[list[tuple[str, int, int]]]:
+    """Collect every read the readers of this process issue while inside: (kind, first soma_joinid, rows), kind
+    "range" (rows = the joinid span read) or "points" (rows = joinids asked). For tests and profiling; reads in
+    Ray workers are not seen (use engine="local")."""
+    global _READS
+    outer, _READS = _READS, []
+    try:
+        yield _READS
+    finally:
+        _READS = outer
+
+
+def _log_read(kind: str, first: int, rows: int) -> None:
+    if _READS is not None:
+        _READS.append((kind, first, rows))
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,10 @@ class AtlasReader:
         return _OPEN[key]
 
     def _read(self, coords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if isinstance(coords, slice):
+            _log_read("range", coords.start, coords.stop - coords.start + 1)
+        else:
+            _log_read("points", int(coords[0]), len(coords))
         tbl = self._x().read(coords=(coords,), result_order="auto").tables().concat()
         return (
             tbl["soma_dim_0"].to_numpy(),
@@ -209,6 +234,7 @@ class ZarrReader:
         base = 0
         for run in np.split(uniq, brk):
             a, b = int(offsets[run[0]]), int(offsets[run[-1] + 1])
+            _log_read("range", int(run[0]), int(run[-1] - run[0] + 1))
             parts_t.append(tokens[a:b])
             parts_v.append(values[a:b])
             starts.append(offsets[run] - a + base)

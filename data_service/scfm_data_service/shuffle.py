@@ -2,24 +2,33 @@
 
 Every rank computes the same plan independently from (cells, lengths, config, epoch, world_size):
 
-1. Windows: the cells (in soma_joinid order) are cut into blocks of `block / BLOCKS_PER_WINDOW` consecutive
-   cells; block k belongs to window k % n_windows, so a window is ~`block` cells from BLOCKS_PER_WINDOW places
-   spread over the atlas. Windows are the same sets every epoch; reading one is a few contiguous range reads.
+1. Windows: with W ranks the cells (in soma_joinid order) go to n_windows windows, the fewest multiple of W that
+   keeps a window at most `block` cells: they are cut into BLOCKS_PER_WINDOW × n_windows near-equal blocks and
+   block k belongs to window k % n_windows, so a window is BLOCKS_PER_WINDOW runs of consecutive cells spread over
+   the atlas and all windows hold the same number of cells (± BLOCKS_PER_WINDOW). Windows are the same sets every
+   epoch; reading one is a few contiguous range reads.
 2. Shuffle from (seed, epoch): the windows are permuted and the cells shuffled within each window.
 3. Length bucketing inside a window: each bucket's cells are cut into full batches of the bucket's size; the
    leftovers of all buckets, longest bucket first, are packed greedily (a batch opened by a cell of bucket b takes
    up to size_b cells, all of bucket ≤ b, so the token budget holds). The batch count of a window depends only on
-   how many cells of each bucket it holds, so the epoch's batch count is the same every epoch. Batches are
-   shuffled within their window; no batch spans two windows.
-4. Rebalancing: if the batch count is not a multiple of world_size, the batches with most cells are split in
-   two (adjacent halves) until it is. Nothing is dropped or repeated.
-5. Batch j goes to rank j % world_size as its step j // world_size: all ranks run the same number of steps.
+   how many cells of each bucket it holds, so it is the same every epoch. Batches are shuffled within their
+   window; no batch spans two windows.
+4. Dealing windows to ranks: each window goes whole to one of W groups, longest-processing-time first (windows by
+   batch count, descending, each to the group with the fewest batches so far; equal counts in this epoch's window
+   order). The sorted counts are the same every epoch, so the group sizes are too, while windows of equal count
+   trade groups between epochs. Group g runs on rank (g + epoch) % W. A rank reads only its own windows: 1/W of
+   the cells, in the same few range reads per window (no read amplification with W).
+5. Equal steps: every group is brought to the largest group's batch count by splitting its batches with most
+   cells in two (adjacent halves). Nothing is dropped or repeated; steps per epoch do not depend on the epoch.
+6. A group's k-th batch is batch j = k·W + rank of the plan: batch j runs on rank j % W as its step j // W.
 
-The val and all splits use the identity order (no shuffle).
+The val and all splits use the identity order (no shuffle): consecutive windows of consecutive cells, dealt the
+same way (no rotation).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +73,7 @@ class EpochPlan:
     lengths: np.ndarray  # int64 [N] token lengths of `cells`
     offsets: np.ndarray  # int64 [n_batches + 1]
     world_size: int
-    window: np.ndarray | None = None  # int64 [n_batches] read window of each batch (non-decreasing)
+    window: np.ndarray | None = None  # int64 [n_batches] read window of each batch (non-decreasing along a rank)
 
     @property
     def n_batches(self) -> int:
@@ -85,11 +94,16 @@ class EpochPlan:
 BLOCKS_PER_WINDOW = 4  # places in the atlas a shuffled window draws from (one range read each)
 
 
-def windows(n: int, window: int, spread: int = BLOCKS_PER_WINDOW) -> np.ndarray:
-    """int64 [n]: window of each of n cells (joinid order): blocks of ~window/spread cells, block k → k % n_windows."""
-    n_windows = max(1, -(-n // max(1, window)))
-    block = max(1, -(-window // spread))
-    return (np.arange(n, dtype=np.int64) // block) % n_windows
+def window_count(n: int, block: int, world_size: int = 1) -> int:
+    """Windows of an epoch of n cells: a multiple of world_size, each window at most `block` cells (the fewest such)."""
+    return world_size * max(1, -(-n // (world_size * max(1, block))))
+
+
+def windows(n: int, n_windows: int, spread: int = BLOCKS_PER_WINDOW) -> np.ndarray:
+    """int64 [n]: window of each of n cells (joinid order): spread × n_windows near-equal blocks of consecutive
+    cells, block k → window k % n_windows (so windows differ in size by at most `spread` cells)."""
+    n_blocks = max(1, n_windows * spread)
+    return (np.arange(n, dtype=np.int64) * n_blocks // max(1, n)) % max(1, n_windows)
 
 
 def _pack_leftovers(bucket: np.ndarray, win: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -137,19 +151,56 @@ def _windowed_batches(
     return pool, starts, sizes, win
 
 
-def _split(sizes: np.ndarray, src: np.ndarray, win: np.ndarray, which: np.ndarray):
-    """Split batches `which` into two adjacent halves (sizes, source offsets and windows updated)."""
+def _split(sizes: np.ndarray, src: np.ndarray, which: np.ndarray, *carried: np.ndarray):
+    """Split batches `which` into two adjacent halves: (sizes, source offsets, *carried) with the halves in place."""
     split = np.zeros(len(sizes), dtype=bool)
     split[which] = True
     reps = np.where(split, 2, 1)
     half = sizes // 2
     first = np.cumsum(reps) - reps
     second = first[split] + 1
-    sizes, src, win = np.repeat(sizes, reps), np.repeat(src, reps), np.repeat(win, reps)
+    sizes, src = np.repeat(sizes, reps), np.repeat(src, reps)
     sizes[first[split]] = half[split]
     sizes[second] -= half[split]
     src[second] += half[split]
-    return sizes, src, win
+    return (sizes, src, *(np.repeat(c, reps) for c in carried))
+
+
+def deal(counts: np.ndarray, order_key: np.ndarray, world_size: int) -> np.ndarray:
+    """int64 [n_windows]: group of each window, longest processing time first: windows by batch count (descending,
+    ties by order_key) each go to the group with the fewest batches so far (ties: lowest group). The group sizes
+    depend only on the multiset of counts."""
+    group = np.zeros(len(counts), dtype=np.int64)
+    if world_size == 1:
+        return group
+    order = np.lexsort((order_key, -counts))
+    heap = [(0, g) for g in range(world_size)]
+    for w, c in zip(order.tolist(), counts[order].tolist(), strict=True):
+        load, g = heapq.heappop(heap)
+        group[w] = g
+        heapq.heappush(heap, (load + c, g))
+    return group
+
+
+def _equalize(sizes, src, grp, bwin, world_size: int, n: int):
+    """Split each group's batches with most cells until every group has the largest group's batch count; arrays
+    stay grouped (a split batch's halves are adjacent)."""
+    target = int(np.bincount(grp, minlength=world_size).max()) if len(grp) else 0
+    while True:
+        need = target - np.bincount(grp, minlength=world_size)
+        if not need.any():
+            return sizes, src, grp, bwin
+        o = np.lexsort((-sizes, grp))  # by group, most cells first (stable)
+        first = np.searchsorted(grp[o], np.arange(world_size))
+        nth = np.arange(len(o)) - first[grp[o]]
+        pick = o[(nth < need[grp[o]]) & (sizes[o] >= 2)]
+        short = np.bincount(grp[pick], minlength=world_size) < np.minimum(need, 1)
+        if short.any():  # a group that needs batches has no batch of ≥ 2 cells left
+            raise DataError(
+                f"{n} cells cannot be spread over world_size={world_size} ranks with equal steps; "
+                "use fewer ranks or more cells"
+            )
+        sizes, src, grp, bwin = _split(sizes, src, pick, grp, bwin)
 
 
 def make_plan(
@@ -167,39 +218,36 @@ def make_plan(
     shuffle: bool = True,
 ) -> EpochPlan:
     """Plan one epoch over cells `joinids` (int64 [N], sorted) with token lengths `lengths` (int64 [N]);
-    `block` is the window size in cells."""
+    `block` is the most cells of a window (one rank batches a window's cells together)."""
     if world_size < 1:
         raise DataError(f"world_size={world_size} must be ≥ 1")
     n = len(joinids)
     edges = bucket_edges(max_len, bucket_ratio)
     size = bucket_batch_cells(edges, tokens_per_batch, max_cells)
     bucket = assign_buckets(lengths, edges)
+    n_win = window_count(n, block, world_size)
     if shuffle:
-        win = windows(n, block)
         rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, 0x5CF])
-        n_win = int(win.max()) + 1 if n else 0
         rank_of = np.empty(n_win, dtype=np.int64)
         rank_of[rng.permutation(n_win)] = np.arange(n_win)
-        win_rank, keys = rank_of[win], rng.random(n)
-    else:
-        win_rank, keys = np.arange(n, dtype=np.int64) // max(1, block), np.arange(n, dtype=np.float64)
+        win_rank, keys = rank_of[windows(n, n_win)], rng.random(n)
+    else:  # consecutive windows of consecutive cells
+        win_rank, keys = np.arange(n, dtype=np.int64) * n_win // max(1, n), np.arange(n, dtype=np.float64)
     pool, src, sizes, bwin = _windowed_batches(bucket, lengths, win_rank, keys, size)
-    # batches in window order, shuffled within their window
+    # windows (by their place in this epoch's order) dealt to groups; a group's batches in window order, shuffled
+    # within their window
+    n_pos = int(bwin.max()) + 1 if len(bwin) else 0
+    group_of = deal(np.bincount(bwin, minlength=n_pos), np.arange(n_pos), world_size)
     b_keys = rng.random(len(sizes)) if shuffle else np.arange(len(sizes), dtype=np.float64)
-    bo = np.lexsort((b_keys, bwin))
-    sizes, src, bwin = sizes[bo], src[bo], bwin[bo]
-    # rebalance to a multiple of world_size by splitting the largest batches (rounds, for tiny epochs)
-    need = (-len(sizes)) % world_size
-    while need:
-        cand = np.argsort(-sizes, kind="stable")[:need]
-        cand = cand[sizes[cand] >= 2]
-        if len(cand) == 0:
-            raise DataError(
-                f"{n} cells cannot be spread over world_size={world_size} ranks with equal steps; "
-                "use fewer ranks or more cells"
-            )
-        sizes, src, bwin = _split(sizes, src, bwin, cand)
-        need -= len(cand)
+    grp = group_of[bwin]
+    bo = np.lexsort((b_keys, bwin, grp))
+    sizes, src, bwin, grp = sizes[bo], src[bo], bwin[bo], grp[bo]
+    sizes, src, grp, bwin = _equalize(sizes, src, grp, bwin, world_size, n)
+    # group g's k-th batch is batch k × world_size + its rank, (g + epoch) % world_size
+    steps = len(sizes) // world_size
+    rank = (grp + (epoch if shuffle else 0)) % world_size
+    j = np.argsort((np.arange(len(sizes)) - grp * steps) * world_size + rank)
+    sizes, src, bwin = sizes[j], src[j], bwin[j]
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     idx = pool[np.repeat(src - offsets[:-1], sizes) + np.arange(offsets[-1])]

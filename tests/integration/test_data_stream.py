@@ -22,6 +22,7 @@ from scfm_data_service import (
     write_token_cache,
 )
 from scfm_data_service.atlas import read_meta, read_obs
+from scfm_data_service.datasource import record_reads
 from scfm_data_service.shuffle import BLOCKS_PER_WINDOW, is_val
 from scfm_data_service.stream import _units, epoch_plan
 
@@ -163,3 +164,28 @@ def test_a_read_unit_is_a_few_contiguous_runs_of_the_atlas(demo_atlas):  # noqa:
     for u in units:
         pos = np.searchsorted(train, np.unique(u.cells))  # positions among the train cells
         assert np.count_nonzero(np.diff(pos) > 1) + 1 <= BLOCKS_PER_WINDOW
+
+
+@pytest.mark.parametrize("path", ["atlas", "tokens"])
+def test_each_rank_reads_only_its_share(demo_atlas, tmp_path, path):  # noqa: F811
+    """The reads each rank's reader issues (real readers, recorded): with 4 ranks each reads ~1/4 of what one rank
+    reads for the whole epoch, in as few range reads per window, and the 4 together read about the same total."""
+    cfg = small_config(demo_atlas, bucket_window_batches=1 << 20)
+    if path == "tokens":
+        write_token_cache(cfg, tmp_path / "tokens.zarr")
+        cfg = replace(cfg, tokens=str(tmp_path / "tokens.zarr"))
+
+    def reads(world, rank):
+        with record_reads() as log:
+            n = len(_ids(list(iter_batches(cfg, rank=rank, world_size=world, epoch=1))))
+        return n, sum(rows for _, _, rows in log), len(log), {kind for kind, _, _ in log}
+
+    n1, rows1, calls1, kinds1 = reads(1, 0)
+    per_rank = [reads(4, r) for r in range(4)]
+    assert kinds1 == {"range"} and all(k == {"range"} for *_, k in per_rank)
+    assert sum(n for n, *_ in per_rank) == n1
+    assert rows1 < 1.1 * n1  # one rank reads about its cells (val cells between them are read through)
+    for n, rows, calls, _ in per_rank:
+        assert rows < 1.1 * n and rows < 0.3 * rows1  # ~1/4 each (was: every rank read every window's runs)
+        assert calls <= 0.3 * calls1 + BLOCKS_PER_WINDOW
+    assert sum(rows for _, rows, _, _ in per_rank) < 1.1 * rows1
