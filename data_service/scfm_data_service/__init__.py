@@ -7,6 +7,7 @@ Public API:
     steps_per_epoch(cfg, world_size), vocab_size(cfg), StreamState, epoch_plan(...)
     ingest(uri, files, *, use_raw=False, progress=True), build_demo_atlas(uri, synthetic_cells=...),
     atlas_info(uri), read_obs(uri, columns), write_token_cache(cfg, out)
+    build_aligned_atlas(uri, file, *, reference, ...)   one .h5ad on a training atlas's vocabulary (for eval)
 
 Heavy modules (tiledbsoma, ray, zarr, torch) load on first use of a name that needs them.
 """
@@ -42,13 +43,15 @@ _LAZY = {
     "epoch_plan": "stream",
     "ingest": "atlas",
     "atlas_info": "atlas",
+    "build_aligned_atlas": "atlas",
+    "AlignedAtlas": "atlas",
     "read_obs": "atlas",
     "build_demo_atlas": "demo",
     "write_token_cache": "cache",
 }
 
 if TYPE_CHECKING:
-    from scfm_data_service.atlas import atlas_info, ingest, read_obs
+    from scfm_data_service.atlas import AlignedAtlas, atlas_info, build_aligned_atlas, ingest, read_obs
     from scfm_data_service.cache import write_token_cache
     from scfm_data_service.demo import build_demo_atlas
     from scfm_data_service.stream import (
@@ -80,10 +83,12 @@ __all__ = [
     "TARGET_GENE_IDS",
     "TARGET_VALUES",
     "VALUES",
+    "AlignedAtlas",
     "DataConfig",
     "DataError",
     "StreamState",
     "atlas_info",
+    "build_aligned_atlas",
     "build_demo_atlas",
     "epoch_plan",
     "ingest",

@@ -10,6 +10,8 @@ Layout (URI = local path or object-store URI):
 
 Ingest validates every file before the first write, so bad input leaves the atlas exactly as it was. The gene
 vocabulary only grows: new genes get the next ids, existing ids are never reused or reordered.
+`build_aligned_atlas` writes one file's cells on another atlas's vocabulary and medians (evaluating a model
+trained on that atlas on a new file).
 """
 
 from __future__ import annotations
@@ -212,9 +214,9 @@ def _write_meta(exp, n_cells: int, n_genes: int, datasets: list[dict], median: n
 # ---------------------------------------------------------------- writing
 
 
-def _obs_schema() -> pa.Schema:
+def _obs_schema(extra: Sequence[str] = ()) -> pa.Schema:
     fields = [pa.field("soma_joinid", pa.int64())]
-    fields += [pa.field(c, pa.large_string()) for c in OBS_TEXT_COLUMNS]
+    fields += [pa.field(c, pa.large_string()) for c in (*OBS_TEXT_COLUMNS, *extra)]
     fields += [pa.field("nnz", pa.int64()), pa.field("raw_sum", pa.float64())]
     return pa.schema(fields)
 
@@ -229,11 +231,11 @@ def _var_schema() -> pa.Schema:
     )
 
 
-def _create(uri: str, n_cells: int, n_genes: int) -> None:
+def _create(uri: str, n_cells: int, n_genes: int, extra_obs: Sequence[str] = ()) -> None:
     import tiledbsoma as soma
 
     with soma.Experiment.create(uri) as exp:
-        exp.add_new_dataframe("obs", schema=_obs_schema(), domain=[(0, n_cells - 1)])
+        exp.add_new_dataframe("obs", schema=_obs_schema(extra_obs), domain=[(0, n_cells - 1)])
         exp.add_new_collection("ms")
         ms = exp.ms.add_new_collection(MEASUREMENT, soma.Measurement)
         ms.add_new_dataframe("var", schema=_var_schema(), domain=[(0, n_genes - 1)])
@@ -291,40 +293,47 @@ def ingest_sources(uri: str, sources: Sequence[Source], *, progress: bool = True
     datasets = list(meta["datasets"])
     row = meta["n_cells"]
     with _progress(progress) as bar, soma.Experiment.open(uri, "w") as exp:
-        X = exp.ms[MEASUREMENT].X[LAYER]
         for s, gmap in zip(sources, gene_maps, strict=True):
-            task = bar.add_task(f"ingest {s.name}", total=s.n_cells) if bar else None
             first = row
-            for obs, x in s.chunks():
-                x = sp.csr_matrix(x, dtype=np.float32)
-                x.eliminate_zeros()
-                check_counts(s.label, x, obs["obs_id"].to_numpy(), s.gene_ids)
-                n = x.shape[0]
-                coo = x.tocoo()
-                X.write(
-                    pa.table(
-                        {
-                            "soma_dim_0": coo.row.astype(np.int64) + row,
-                            "soma_dim_1": gmap[coo.col],
-                            "soma_data": coo.data.astype(np.float32),
-                        }
-                    )
-                )
-                tbl = pa.Table.from_pandas(obs, preserve_index=False)
-                tbl = tbl.append_column("nnz", pa.array(np.diff(x.indptr).astype(np.int64)))
-                tbl = tbl.append_column("raw_sum", pa.array(np.asarray(x.sum(axis=1)).ravel().astype(np.float64)))
-                tbl = tbl.add_column(0, "soma_joinid", pa.array(np.arange(row, row + n, dtype=np.int64)))
-                exp.obs.write(tbl.cast(_obs_schema()))
-                row += n
-                if bar:
-                    bar.advance(task, n)
-            if row - first != s.n_cells:
-                raise DataError(f"{s.label}: produced {row - first} cells, expected {s.n_cells}")
+            row = _write_cells(exp, s, gmap, row, bar)
             datasets.append({"dataset_id": s.name, "source": s.label, "n_cells": s.n_cells, "first_joinid": first})
     median = atlas_gene_medians(uri, n_cells, n_genes, progress=progress)
     with soma.Experiment.open(uri, "w") as exp:
         _write_meta(exp, n_cells, n_genes, datasets, median)
     return [s.name for s in sources]
+
+
+def _write_cells(exp, s: Source, gmap: np.ndarray, row: int, bar, extra_obs: Sequence[str] = ()) -> int:
+    """Write the cells of `s` as rows row.. of obs and X (source gene column j → atlas gene gmap[j]); next row."""
+    X = exp.ms[MEASUREMENT].X[LAYER]
+    task = bar.add_task(f"ingest {s.name}", total=s.n_cells) if bar else None
+    first = row
+    for obs, x in s.chunks():
+        x = sp.csr_matrix(x, dtype=np.float32)
+        x.eliminate_zeros()
+        check_counts(s.label, x, obs["obs_id"].to_numpy(), s.gene_ids)
+        n = x.shape[0]
+        coo = x.tocoo()
+        X.write(
+            pa.table(
+                {
+                    "soma_dim_0": coo.row.astype(np.int64) + row,
+                    "soma_dim_1": gmap[coo.col],
+                    "soma_data": coo.data.astype(np.float32),
+                }
+            )
+        )
+        tbl = pa.Table.from_pandas(obs, preserve_index=False)
+        tbl = tbl.append_column("nnz", pa.array(np.diff(x.indptr).astype(np.int64)))
+        tbl = tbl.append_column("raw_sum", pa.array(np.asarray(x.sum(axis=1)).ravel().astype(np.float64)))
+        tbl = tbl.add_column(0, "soma_joinid", pa.array(np.arange(row, row + n, dtype=np.int64)))
+        exp.obs.write(tbl.cast(_obs_schema(extra_obs)))
+        row += n
+        if bar:
+            bar.advance(task, n)
+    if row - first != s.n_cells:
+        raise DataError(f"{s.label}: produced {row - first} cells, expected {s.n_cells}")
+    return row
 
 
 def ingest(uri: str, files: Iterable[str | Path], *, use_raw: bool = False, progress: bool = True) -> list[str]:
@@ -339,6 +348,119 @@ def ingest(uri: str, files: Iterable[str | Path], *, use_raw: bool = False, prog
         raise DataError("ingest: no files given; pass one or more .h5ad files")
     sources = [file_source(f, use_raw=use_raw) for f in files]
     return ingest_sources(uri, sources, progress=progress)
+
+
+# ---------------------------------------------------------------- one file on a reference vocabulary (eval)
+
+MIN_MATCHED_FRACTION = 0.1  # fewer of a file's genes in the vocabulary than this: wrong gene ids, not a subset
+RESERVED_OBS = ("soma_joinid", "nnz", "raw_sum")
+
+
+@dataclass
+class AlignedAtlas:
+    """What `build_aligned_atlas` wrote: an atlas of one file's cells on a reference atlas's gene vocabulary."""
+
+    uri: str
+    reference: str
+    dataset_id: str
+    n_cells: int
+    n_file_genes: int  # genes of the file
+    n_matched: int  # of those, genes of the reference vocabulary (kept)
+    n_dropped: int  # the rest (not in the vocabulary: dropped)
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_matched} of the file's {self.n_file_genes} genes match the training vocabulary of "
+            f"{self.reference}; {self.n_dropped} dropped"
+        )
+
+
+def _reference_var(uri: str) -> pd.DataFrame:
+    import tiledbsoma as soma
+
+    with soma.open(f"{uri.rstrip('/')}/ms/{MEASUREMENT}/var") as var:
+        t = var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
+    return t.sort_values("soma_joinid").reset_index(drop=True)
+
+
+def build_aligned_atlas(
+    uri: str,
+    file: str | Path,
+    *,
+    reference: str,
+    use_raw: bool = False,
+    obs_columns: Sequence[str] = (),
+    progress: bool = False,
+) -> AlignedAtlas:
+    """Write a new atlas at `uri` holding the cells of one .h5ad `file` on the gene vocabulary of atlas `reference`.
+
+    The new atlas has the reference's var (same genes, same soma_joinids) and gene medians (copied, not
+    recomputed from the file), so the data service tokenizes its cells exactly as it tokenized the reference's: a
+    model trained on the reference can embed them. The file's genes are matched by the stable id ingest uses
+    (var feature_id / gene_ids / gene_id / ensembl_id, else var_names); genes outside the vocabulary are dropped.
+    Cells keep the file's row order (soma_joinid = row) and obs_names (obs_id); obs holds the atlas columns plus
+    `obs_columns` of the file (as text). Counts come from `.X` (or `.raw.X` with use_raw) and are validated as by
+    ingest. DataError (one line naming the file) on bad input, a missing obs column, or when no genes or fewer
+    than MIN_MATCHED_FRACTION of them match (the file then uses another kind of gene id than the reference).
+    """
+    import tiledbsoma as soma
+
+    path = Path(file)
+    label = str(path)
+    if soma.Experiment.exists(uri):
+        raise DataError(f"{uri}: already exists; give a new path for the aligned atlas")
+    meta = read_meta(reference)
+    obs, var, x = _read_h5ad(path, use_raw)
+    if x.shape[0] == 0:
+        raise DataError(f"{label}: no cells (0 rows in obs); a dataset needs at least one cell")
+    missing = [c for c in obs_columns if c not in obs.columns]
+    if missing:
+        raise DataError(
+            f"{label}: no obs column {', '.join(map(repr, missing))}; its obs columns: "
+            f"{', '.join(map(str, obs.columns)) or '(none)'}"
+        )
+    reserved = [c for c in obs_columns if c in RESERVED_OBS]
+    if reserved:
+        raise DataError(f"{label}: obs column {reserved[0]!r} is reserved by the atlas; pick another label column")
+    ids, names = _gene_keys(label, var)
+    x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
+    check_counts(label, x, obs.index, ids)
+
+    ref = _reference_var(reference)
+    if len(ref) != meta["n_genes"]:
+        raise DataError(f"{reference}: var has {len(ref)} genes but its metadata says {meta['n_genes']}")
+    joinid = pd.Series(ref["soma_joinid"].to_numpy(np.int64), index=ref["feature_id"].astype(str).to_numpy())
+    gmap = joinid.reindex(ids).to_numpy()
+    keep = np.flatnonzero(~np.isnan(gmap))
+    if len(keep) == 0 or len(keep) < MIN_MATCHED_FRACTION * len(ids):
+        raise DataError(
+            f"{label}: only {len(keep)} of its {len(ids)} gene ids are in the vocabulary of {reference} "
+            f"(file ids like {ids[0]!r}, vocabulary ids like {joinid.index[0]!r}); "
+            "give the genes the same kind of ids the training atlas has (var feature_id or var_names)"
+        )
+    gmap = gmap[keep].astype(np.int64)
+    extra = [c for c in dict.fromkeys(obs_columns) if c not in OBS_TEXT_COLUMNS]
+    name = path.stem
+    n = x.shape[0]
+
+    def chunks() -> Iterator[tuple[pd.DataFrame, sp.csr_matrix]]:
+        for a in range(0, n, CHUNK_CELLS):
+            part = obs.iloc[a : a + CHUNK_CELLS]
+            o = standard_obs(part, name)
+            for c in extra:
+                o[c] = part[c].astype(str).to_numpy()
+            yield o, sp.csr_matrix(x[a : a + CHUNK_CELLS], dtype=np.float32)[:, keep]
+
+    source = Source(name, label, n, ids[keep], names[keep], chunks)
+    _create(uri, n, meta["n_genes"], extra)
+    with soma.Experiment.open(uri, "w") as exp:
+        exp.ms[MEASUREMENT].var.write(pa.Table.from_pandas(ref, preserve_index=False).cast(_var_schema()))
+    with _progress(progress) as bar, soma.Experiment.open(uri, "w") as exp:
+        _write_cells(exp, source, gmap, 0, bar, extra)
+        exp.metadata[META_PREFIX + "reference"] = str(reference)
+        datasets = [{"dataset_id": name, "source": label, "n_cells": n, "first_joinid": 0}]
+        _write_meta(exp, n, meta["n_genes"], datasets, meta["gene_median"])
+    return AlignedAtlas(uri, str(reference), name, n, len(ids), len(keep), len(ids) - len(keep))
 
 
 def _progress(enabled: bool):

@@ -1,5 +1,6 @@
-"""`launch eval`: embed every cell of an atlas with a checkpoint's model, score cell-type separation, plot a UMAP,
-and log the scores to the MLflow run that produced the checkpoint (or a new run tagged with it)."""
+"""`launch eval`: embed every cell of an atlas (or an .h5ad file) with a checkpoint's model, score cell-type
+separation, plot a UMAP, and log the scores to the MLflow run that produced the checkpoint (or a new run tagged
+with it). An .h5ad file is tokenized on the training atlas's gene vocabulary and gene medians."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ EXAMPLES = """  launch eval runs/demo/run-20260101-120000-000/checkpoint_0000005
   launch eval runs/demo --data atlases/demo            (newest checkpoint of the newest run of job 'demo')
   launch eval runs/ablation-sigmoid/run-*/ --data /data/pbmc_atlas --label cell_type --out eval/sigmoid
   launch eval runs/ablation-sigmoid --data atlases/demo --datasets pbmc68k_reduced   (the labelled PBMC cells only)
+  launch eval runs/demo --data new_donor.h5ad --label cell_type      (a file: tokenized on the training atlas's genes)
+  launch eval runs/demo --data new_donor.h5ad --atlas /mnt/atlases/demo --use-raw   (training atlas moved; .raw.X)
 """
 
 
@@ -23,7 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="checkpoint directory written by `launch run` (runs/<name>/run-*/checkpoint_N), or a run directory "
         "(runs/<name>/run-*) or job directory (runs/<name>): its newest checkpoint",
     )
-    p.add_argument("--data", required=True, metavar="ATLAS", help="SOMA atlas whose cells to embed and score")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="ATLAS|FILE.h5ad",
+        help="SOMA atlas, or .h5ad file of raw counts, whose cells to embed and score (a file's genes are matched to "
+        "the training atlas's vocabulary by gene id; genes it lacks are dropped)",
+    )
     p.add_argument("--label", default="cell_type", help="obs column with the cell-type labels (default: cell_type)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: eval/<run>-<checkpoint>)")
     p.add_argument(
@@ -35,6 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="NAME",
         help="embed and score only the cells of these datasets (obs dataset_id; `launch atlas info` lists them)",
+    )
+    p.add_argument(
+        "--atlas",
+        metavar="ATLAS",
+        help="with an .h5ad --data: the atlas the checkpoint trained on, whose gene vocabulary and medians tokenize "
+        "the file (default: the run's data.atlas; give it when the atlas moved)",
+    )
+    p.add_argument(
+        "--use-raw", action="store_true", help="with an .h5ad --data: take the counts from .raw.X instead of .X"
     )
     p.set_defaults(func=run)
 
@@ -57,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         seed=args.seed,
         datasets=args.datasets,
+        atlas=args.atlas,
+        use_raw=args.use_raw,
     )
     console = Console()
     console.print(scores_table(res.scores))

@@ -1,6 +1,7 @@
 """The `launch eval` pipeline: cell embeddings → zarr + h5ad, scores, UMAP PNG, MLflow; and the in-training hook.
 
-    evaluate_checkpoint(ckpt, data)   load the model, embed every cell of the atlas, then evaluate_embeddings
+    evaluate_checkpoint(ckpt, data)   load the model, embed every cell of the atlas (or of an .h5ad file, on the
+                                      training atlas's vocabulary), then evaluate_embeddings
     evaluate_embeddings(ids, X, obs)  files, scores (metrics.score_adata), UMAP (plots.plot_umap), MLflow (runs)
     training_scores(model, batches, labels)   scores only, for evaluation every N steps during training
 
@@ -10,7 +11,7 @@ Output directory layout: embeddings.zarr, embeddings.h5ad, umap.png, scores.json
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,33 +133,115 @@ def evaluate_checkpoint(
     tracking_uri: str | None = None,
     seed: int = 0,
     datasets: Sequence[str] | None = None,
+    atlas: str | None = None,
+    use_raw: bool = False,
+    print_fn: Callable[[str], Any] = print,
 ) -> EvalResult:
-    """Embed every cell of atlas `data` with the checkpoint's model, then `evaluate_embeddings`; with `datasets`,
-    only the cells of those datasets (obs `dataset_id`) are embedded, written and scored.
+    """Embed every cell of `data` (an atlas, or an .h5ad file) with the checkpoint's model, then
+    `evaluate_embeddings`; with `datasets`, only the cells of those datasets (obs `dataset_id`) of an atlas.
 
     `checkpoint`: a checkpoint directory, or a run directory (its newest checkpoint). Scores go to the MLflow run
     that trained the checkpoint, at `tracking_uri`, else the URI it trained with; when that was the local server
     `launch run` starts (and stopped), the same store is served again from `tracking.local_dir` for the logging.
+
+    An .h5ad file is tokenized on the training atlas's gene vocabulary and gene medians: `atlas`, else the run's
+    `data.atlas`. Its genes are matched by stable id, the others dropped (one line printed through `print_fn`
+    says how many); its counts come from `.X` (or `.raw.X` with `use_raw`). The cells go into a temporary atlas
+    (`scfm_data_service.build_aligned_atlas`) in a hidden folder of `out_dir` that is removed afterwards;
+    soma_joinid = the file's row, and embeddings.h5ad is a copy of the file with obsm["X_scfm"].
     """
+    import tempfile
+
+    from scfm_data_service import build_aligned_atlas
+    from scfm_platform.checkpoint import load_model_for_inference
+    from scfm_platform.inference import find_checkpoint
+
+    ckpt = find_checkpoint(checkpoint)
+    if not str(data).endswith(".h5ad"):
+        if atlas or use_raw:
+            raise RunError(f"--atlas and --use-raw apply to an .h5ad --data only; {data} is an atlas")
+        model, cfg, source_run = load_model_for_inference(ckpt)
+        return _evaluate_atlas(
+            model, cfg, ckpt, source_run, str(data), datasets, out_dir, label, tracking_uri, seed, source=None
+        )
+    if datasets:
+        raise RunError(f"--datasets picks datasets of an atlas; {data} is one file: all its cells are evaluated")
+    model, cfg, source_run = load_model_for_inference(ckpt)
+    reference = _training_atlas(ckpt, cfg, atlas)
+    _check_vocab(reference, cfg, model, ckpt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".atlas-", dir=out) as tmp:
+        aligned = build_aligned_atlas(
+            str(Path(tmp) / "atlas"), data, reference=reference, use_raw=use_raw, obs_columns=[label]
+        )
+        print_fn(f"{data}: {aligned.summary()}")
+        return _evaluate_atlas(
+            model, cfg, ckpt, source_run, aligned.uri, None, out, label, tracking_uri, seed, source=str(data)
+        )
+
+
+def _training_atlas(ckpt: Path, cfg: Any, given: str | None) -> str:
+    """The atlas whose vocabulary and medians the checkpoint's model was trained on: `given`, else data.atlas."""
+    from scfm_data_service import DataError
+    from scfm_data_service.atlas import read_meta
+    from scfm_platform.data import SYNTHETIC
+
+    uri = given or str(cfg.data.atlas)
+    if uri.startswith(SYNTHETIC):
+        raise RunError(
+            f"{ckpt} was trained on the synthetic stream (data.atlas={uri}), which has no gene vocabulary to "
+            "tokenize an .h5ad file with; pass --atlas ATLAS (the atlas a run trained on) or evaluate a checkpoint "
+            "trained on an atlas"
+        )
+    try:
+        read_meta(uri)
+    except DataError:
+        where = "--atlas" if given else f"the run's data.atlas in {ckpt}/run.json"
+        raise RunError(
+            f"training atlas {uri} (from {where}) is missing or not an atlas; pass --atlas PATH to the atlas the "
+            "checkpoint was trained on: its gene vocabulary and medians tokenize the .h5ad file"
+        ) from None
+    return uri
+
+
+def _check_vocab(uri: str, cfg: Any, model: Any, ckpt: Path) -> None:
+    """RunError unless atlas `uri` gives the model's vocabulary size."""
+    from dataclasses import replace
+
+    from scfm_platform.data import vocab_size
+
+    n_vocab = vocab_size(replace(cfg.data, atlas=uri, tokens=None, engine="local"))
+    if n_vocab != model.dims.vocab_size:
+        raise RunError(
+            f"{uri}: its gene vocabulary gives {n_vocab} tokens but {ckpt} was trained with {model.dims.vocab_size}; "
+            "evaluate on an atlas with the training atlas's genes"
+        )
+
+
+def _evaluate_atlas(
+    model: Any,
+    cfg: Any,
+    ckpt: Path,
+    source_run: str | None,
+    data: str,
+    datasets: Sequence[str] | None,
+    out_dir: str | Path,
+    label: str,
+    tracking_uri: str | None,
+    seed: int,
+    *,
+    source: str | None,
+) -> EvalResult:
+    """evaluate_checkpoint on atlas `data` once the model is loaded (`source`: the .h5ad the atlas was built from)."""
     from dataclasses import replace
 
     from scfm_data_service import read_obs
-    from scfm_platform.checkpoint import load_model_for_inference
     from scfm_platform.data import batches as data_batches
-    from scfm_platform.data import vocab_size
-    from scfm_platform.inference import find_checkpoint, read_run_info
+    from scfm_platform.inference import read_run_info
 
-    if str(data).endswith(".h5ad"):
-        raise RunError("evaluating an .h5ad file directly is not supported yet; ingest it into an atlas first")
-    ckpt = find_checkpoint(checkpoint)
-    model, cfg, source_run = load_model_for_inference(ckpt)
     data_cfg = replace(cfg.data, atlas=str(data), tokens=None, engine="local")
-    n_vocab = vocab_size(data_cfg)
-    if n_vocab != model.dims.vocab_size:
-        raise RunError(
-            f"{data}: its gene vocabulary gives {n_vocab} tokens but {ckpt} was trained with {model.dims.vocab_size}; "
-            "evaluate on an atlas with the training atlas's genes"
-        )
+    _check_vocab(data, cfg, model, ckpt)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
     keep = _dataset_filter(obs, datasets, data)
     batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
@@ -171,7 +254,7 @@ def evaluate_checkpoint(
         batches = ({k: v[m] for k, v in b.items()} for b, m in rows if m.any())
         obs = obs.loc[keep.numpy()]
     joinids, X = embed_cells(model, batches)
-    tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": str(data)}
+    tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": source or str(data)}
     if source_run:
         tags[runs.SOURCE_RUN_TAG] = source_run
     with _tracking(tracking_uri, read_run_info(ckpt).get("tracking_uri"), cfg) as uri:
@@ -181,6 +264,7 @@ def evaluate_checkpoint(
             obs,
             out_dir=out_dir,
             label=label,
+            source_h5ad=source,
             seed=seed,
             tracking_uri=uri,
             run_id=_existing_run(uri, source_run),
