@@ -251,8 +251,25 @@ class ZarrReader:
         return _step_table(unit, out, ("tokens", "values"), tok, val)
 
 
-_ROW_BITS, _U_BITS, _POS_BITS = 17, 30, 17  # mask sort key: cell in the sort | random draw | position
+_ROW_BITS, _U_BITS, _POS_BITS = 17, 30, 17  # candidate sort key: cell in the chunk | random draw | position
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xFF51AFD7ED558CCD)
+
+
+def _draws(cell_hash: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(u, pos) uint64 [M]: each position's 30-bit draw (genes < 2^30 - 1, CLS = 2^30 - 1) and its position."""
+    pos = np.arange(int(starts[-1] + lens[-1]), dtype=np.uint64)
+    pos -= np.repeat(starts.astype(np.uint64), lens)
+    with np.errstate(over="ignore"):
+        h = pos * _M1
+        h ^= np.repeat(cell_hash, lens)
+        h ^= h >> np.uint64(33)
+        h *= _M2
+        h ^= h >> np.uint64(33)
+    h >>= np.uint64(64 - _U_BITS)
+    u_max = np.uint64((1 << _U_BITS) - 1)
+    np.minimum(h, u_max - np.uint64(1), out=h)
+    h[starts] = u_max
+    return h, pos
 
 
 def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: int, epoch: int) -> np.ndarray:
@@ -260,15 +277,17 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
     never CLS. A pure function of (seed, epoch, soma_joinid, position): batching, rank and engine do not matter.
 
     Each position draws 30 hash bits u = fmix(splitmix(joinid ^ key(seed, epoch)) ^ position × φ); a cell masks
-    its k positions of smallest (u, position). One np.sort of packed keys (cell | u | position) finds every
-    cell's k-th key; in-place arithmetic keeps the passes over the tokens few."""
+    its k gene positions of smallest (u, position). Only candidates below a per-cell threshold (k plus a wide
+    margin, in expectation) are sorted, as packed keys (cell | u | position); a cell with fewer than k candidates
+    takes all its genes as candidates, so the result is exact."""
     from scfm_data_service.shuffle import splitmix64
 
     offsets = np.asarray(offsets, dtype=np.int64)
     lens = np.diff(offsets)
     m = int(offsets[-1] - offsets[0])
+    out = np.zeros(m, dtype=np.uint8)
     if ratio <= 0 or m == 0:
-        return np.zeros(m, dtype=np.uint8)
+        return out
     if lens.max() > 1 << _POS_BITS:
         raise DataError(f"cells of {lens.max()} tokens exceed the mask's {1 << _POS_BITS}-position limit")
     starts = offsets[:-1] - offsets[0]
@@ -276,35 +295,34 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
     cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
     n_genes = lens - 1
     k = np.where(n_genes > 0, np.maximum(1, np.rint(ratio * n_genes)), 0).astype(np.int64)
-    u_max = np.uint64((1 << _U_BITS) - 1)
-    out = []
+    # u < t holds for ~k + 6 sd + 16 of a cell's genes (u is uniform on [0, 2^30)); k = 0: no candidates
+    t = np.where(k > 0, np.ceil((k + 6 * np.sqrt(k) + 16) / np.maximum(n_genes, 1) * (1 << _U_BITS)), 0)
+    t = np.minimum(t, 1 << _U_BITS).astype(np.uint64)
     step = 1 << _ROW_BITS
     for a in range(0, len(lens), step):
         b = min(a + step, len(lens))
         lo = int(starts[a])
-        cs, ln = starts[a:b] - lo, lens[a:b]
-        pos = np.arange(int(cs[-1] + ln[-1]), dtype=np.uint64)
-        pos -= np.repeat(cs.astype(np.uint64), ln)
-        with np.errstate(over="ignore"):
-            h = pos * _M1
-            h ^= np.repeat(cell[a:b], ln)
-            h ^= h >> np.uint64(33)
-            h *= _M2
-            h ^= h >> np.uint64(33)
-        h >>= np.uint64(64 - _U_BITS)
-        np.minimum(h, u_max - np.uint64(1), out=h)
-        h[cs] = u_max  # CLS sorts last
-        h <<= np.uint64(_POS_BITS)
-        h |= pos
-        del pos
-        base = np.arange(b - a, dtype=np.uint64) << np.uint64(_U_BITS + _POS_BITS)
-        h += np.repeat(base, ln)
-        srt = np.sort(h)
-        kk = k[a:b]
-        thr = np.where(kk > 0, srt[np.maximum(cs + kk - 1, 0)], base)  # k = 0: below every key of the cell
-        del srt
-        out.append((h <= np.repeat(thr, ln)).view(np.uint8))
-    return out[0] if len(out) == 1 else np.concatenate(out)
+        cs, ln, kk, tt = starts[a:b] - lo, lens[a:b], k[a:b], t[a:b].copy()
+        u, pos = _draws(cell[a:b], cs, ln)
+        for _ in range(2):  # the second pass only for cells with fewer than k candidates
+            cand = np.flatnonzero(u < np.repeat(tt, ln))
+            cid = np.searchsorted(cs, cand, side="right") - 1
+            n_cand = np.bincount(cid, minlength=b - a)
+            short = n_cand < kk
+            if not short.any():
+                break
+            tt[short] = np.uint64(1 << _U_BITS)  # every gene (u < 2^30 - 1 < 2^30; CLS = 2^30 - 1 stays out)
+        ck = cid.astype(np.uint64) << np.uint64(_U_BITS + _POS_BITS)
+        ck |= u[cand] << np.uint64(_POS_BITS)
+        ck |= pos[cand]
+        ck.sort()
+        first = np.cumsum(n_cand) - n_cand
+        c_sorted = (ck >> np.uint64(_U_BITS + _POS_BITS)).astype(np.int64)
+        take = ck[np.arange(len(ck)) - first[c_sorted] < kk[c_sorted]]
+        c_take = (take >> np.uint64(_U_BITS + _POS_BITS)).astype(np.int64)
+        p_take = (take & np.uint64((1 << _POS_BITS) - 1)).astype(np.int64)
+        out[lo + cs[c_take] + p_take] = 1
+    return out
 
 
 def pad_steps(

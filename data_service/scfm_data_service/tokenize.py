@@ -17,6 +17,8 @@ Each cell becomes [CLS, gene tokens...] with at most max_len tokens in all.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from scfm_data_service.errors import DataError
@@ -46,30 +48,47 @@ def _with_cls(indptr, sel_rows, tokens, values, n_cells) -> tuple[np.ndarray, np
     return offsets, out_t, out_v
 
 
+_PER_CELL_SORT = 32  # mean genes per cell from which sorting each cell on its own beats one packed sort
+
+
+def _rank_keys(genes: np.ndarray, counts: np.ndarray, median: np.ndarray, g_bits: int) -> np.ndarray:
+    """uint64 [nnz]: ~score bits (float32 count / gene median, 31 bits; highest score lowest key) | gene."""
+    score = np.asarray(counts, dtype=np.float32) / median[genes]
+    key = np.subtract(np.uint32(0x7FFFFFFF), score.view(np.uint32)).astype(np.uint64)
+    key <<= np.uint64(g_bits)
+    key |= genes.astype(np.uint64)
+    return key
+
+
 def _rank(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, median: np.ndarray, keep: int):
     """Rank tokens (offsets, tokens int32, values float32): per cell, genes by (score desc, gene id) after CLS.
 
-    One np.sort of packed uint64 keys cell | ~score bits (float32, 31 bits) | gene per chunk of cells; in-place
-    arithmetic keeps the passes over the nnz entries few."""
+    Packed uint64 keys ~score bits (float32, 31 bits) | gene, sorted cell by cell in place (cells of ≥ 32 genes on
+    average: many small sorts stay in cache and beat one big one), else one np.sort per chunk of cells with the
+    cell in the top bits."""
     g_bits = max(1, int(len(median) - 1).bit_length())
     sh = 31 + g_bits
     if sh >= 63:
         raise DataError(f"{len(median)} genes are too many for the rank tokenizer's packed sort keys")
     n_cells = len(indptr) - 1
     lens = np.diff(indptr)
-    step = 1 << (64 - sh)
-    parts = []
-    for a in range(0, max(n_cells, 1), step):  # cells per sort bounded by the cell field
-        b = min(a + step, n_cells)
-        lo, hi = int(indptr[a]), int(indptr[b])
-        g = genes[lo:hi]
-        score = np.asarray(counts[lo:hi], dtype=np.float32) / median[g]
-        key = np.subtract(np.uint32(0x7FFFFFFF), score.view(np.uint32)).astype(np.uint64)  # highest first
-        key <<= np.uint64(g_bits)
-        key |= g.astype(np.uint64)
-        key += np.repeat(np.arange(b - a, dtype=np.uint64) << np.uint64(sh), lens[a:b])
-        key.sort()
-        parts.append(key)
+    if n_cells and int(indptr[-1]) >= _PER_CELL_SORT * n_cells:
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        key = _rank_keys(genes[lo:hi], counts[lo:hi], median, g_bits)
+        bounds = (indptr - lo).tolist()
+        for a, b in itertools.pairwise(bounds):
+            key[a:b].sort()
+        parts = [key]
+    else:
+        step = 1 << (64 - sh)
+        parts = []
+        for a in range(0, max(n_cells, 1), step):  # cells per sort bounded by the cell field
+            b = min(a + step, n_cells)
+            lo, hi = int(indptr[a]), int(indptr[b])
+            key = _rank_keys(genes[lo:hi], counts[lo:hi], median, g_bits)
+            key += np.repeat(np.arange(b - a, dtype=np.uint64) << np.uint64(sh), lens[a:b])
+            key.sort()
+            parts.append(key)
     key = np.concatenate(parts) if len(parts) > 1 else parts[0]
     tok = (key & np.uint64((1 << g_bits) - 1)).astype(np.int32)
     tok += N_SPECIAL

@@ -98,3 +98,49 @@ def test_bucket_edges_bound_padding_and_budget():
     assert assign_buckets(np.array([1, 8, 9, 2048]), edges).tolist()[:2] == [0, 7]
     with pytest.raises(DataError, match="tokens_per_batch"):
         bucket_batch_cells(edges, 1000, 8)
+
+
+@pytest.mark.parametrize("mean_genes", [5, 200])
+def test_rank_tokenizer_per_cell_and_packed_sorts_agree(monkeypatch, mean_genes):
+    from scfm_data_service import tokenize as tk
+
+    rng = np.random.default_rng(mean_genes)
+    n_genes = 3000
+    lens = rng.integers(0, 2 * mean_genes, 300)
+    genes = np.concatenate([rng.choice(n_genes, k, replace=False) for k in lens]).astype(np.int32)
+    counts = rng.integers(1, 8, len(genes)).astype(np.float32)  # many ties: order falls back to gene id
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    median = rng.uniform(0.5, 3, n_genes).astype(np.float32)
+    got = {}
+    for path, threshold in (("per cell", 0), ("packed", 1 << 40)):
+        monkeypatch.setattr(tk, "_PER_CELL_SORT", threshold)
+        got[path] = tokenize(indptr, genes, counts, kind="rank", max_len=2 * mean_genes // 3, gene_median=median)
+    for a, b in zip(got["per cell"], got["packed"], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_mask_is_the_k_smallest_draws_of_each_cell():
+    """flat_mask against its definition, cell by cell: the k gene positions of smallest (u, position)."""
+    from scfm_data_service.datasource import _M1, _M2, _U_BITS, flat_mask
+    from scfm_data_service.shuffle import splitmix64
+
+    rng = np.random.default_rng(0)
+    lens = np.concatenate([[1, 2, 3], rng.integers(1, 400, 200)])
+    offsets = np.concatenate([[7], 7 + np.cumsum(lens)])
+    joinids = rng.choice(10**6, len(lens), replace=False)
+    for ratio, seed, epoch in ((0.15, 0, 0), (0.9, 5, 3), (1.0, 1, 1), (0.001, 2, 9)):
+        got = flat_mask(offsets, joinids, ratio=ratio, seed=seed, epoch=epoch)
+        key = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(epoch)))
+        for i, (a, b) in enumerate(itertools.pairwise(offsets - offsets[0])):
+            c = splitmix64(np.uint64(joinids[i]) ^ key)
+            with np.errstate(over="ignore"):
+                h = np.arange(b - a, dtype=np.uint64) * _M1 ^ c
+                h ^= h >> np.uint64(33)
+                h *= _M2
+                h ^= h >> np.uint64(33)
+            u = np.minimum(h >> np.uint64(64 - _U_BITS), np.uint64((1 << _U_BITS) - 2))
+            k = 0 if b - a == 1 else max(1, int(np.rint(ratio * (b - a - 1))))
+            order = np.lexsort((np.arange(1, b - a), u[1:]))  # genes only; by (u, position)
+            want = np.zeros(b - a, dtype=np.uint8)
+            want[1 + order[:k]] = 1
+            assert np.array_equal(got[a:b], want), (ratio, i)
