@@ -1,4 +1,4 @@
-"""Reading planned cells: from the atlas (raw counts, tokenized on an actor pool) or from the zarr token cache.
+"""Reading planned cells: from the atlas (raw counts, tokenized in the read task) or from the zarr token cache.
 
 A read unit is a run of consecutive steps of one rank: its cells (in plan order) and their step numbers. Reading
 a unit yields one Arrow table with one row per step (so Ray Data can only split blocks between steps):
@@ -6,8 +6,8 @@ a unit yields one Arrow table with one row per step (so Ray Data can only split 
     atlas:  step int64, soma_joinid list<int64>, genes list<list<int32>>, counts list<list<float32>>
     tokens: step int64, soma_joinid list<int64>, tokens list<list<int32>>, values list<list<float32>>
 
-`Tokenizer` (the map_batches callable, run on an actor pool so the gene medians are loaded once per actor)
-tokenizes a whole block at once, draws the masks and pads every step into its [B, T] arrays, flattened:
+`Tokenizer` (called in the read task, after the read) tokenizes a whole unit at once, draws the masks and pads
+every step into its [B, T] arrays, flattened:
 
     batches: step int64, t int64, soma_joinid list<int64>, seq_lens list<int32>, gene_ids list<int32>,
              values list<float32>, mask list<uint8>, target_gene_ids list<int32>, target_values list<float32>
@@ -363,7 +363,7 @@ PADDED = ("gene_ids", "values", "mask", "target_gene_ids", "target_values")
 
 
 class Tokenizer:
-    """map_batches callable: step table of raw counts (or tokens) → step table of padded, masked batches."""
+    """Step table of raw counts (or tokens) → step table of padded, masked batches."""
 
     def __init__(self, kind: str | None, max_len: int, n_bins: int, gene_median, mask: tuple[float, int, int]):
         self.kind, self.max_len, self.n_bins, self.gene_median = kind, max_len, n_bins, gene_median
@@ -408,19 +408,22 @@ def _plan_datasource_cls():
     from ray.data.datasource import Datasource, ReadTask
 
     class PlanDatasource(Datasource):
-        """Ray Data Datasource: one read task per read unit (runs of steps over soma_joinid sets), in order."""
+        """Ray Data Datasource: one read task per read unit (runs of steps over soma_joinid sets), in order; with a
+        tokenizer, each read task also tokenizes, masks and pads its unit."""
 
-        def __init__(self, units: list[Unit], reader: AtlasReader | ZarrReader):
-            self.units, self.reader = units, reader
+        def __init__(self, units: list[Unit], reader: AtlasReader | ZarrReader, tokenizer: Tokenizer | None):
+            self.units, self.reader, self.tokenizer = units, reader, tokenizer
 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-            reader = self.reader
+            reader, tokenizer = self.reader, self.tokenizer
 
             def make(unit: Unit):
-                return lambda: [reader.read(unit)]
+                if tokenizer is None:
+                    return lambda: [reader.read(unit)]
+                return lambda: [tokenizer(reader.read(unit))]
 
             return [
                 ReadTask(make(u), BlockMetadata(num_rows=len(u.cells), size_bytes=None, exec_stats=None))
@@ -430,6 +433,7 @@ def _plan_datasource_cls():
     return PlanDatasource
 
 
-def plan_datasource(units: list[Unit], reader: AtlasReader | ZarrReader):
-    """A Ray Data Datasource over the given read units (imports Ray only when called)."""
-    return _plan_datasource_cls()(units, reader)
+def plan_datasource(units: list[Unit], reader: AtlasReader | ZarrReader, tokenizer: Tokenizer | None = None):
+    """A Ray Data Datasource over the given read units (imports Ray only when called); with a tokenizer its read
+    tasks yield padded step tables."""
+    return _plan_datasource_cls()(units, reader, tokenizer)
