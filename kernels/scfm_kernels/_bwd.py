@@ -3,9 +3,12 @@
     dV = Pᵀ dO,   dP = dO Vᵀ,   dS = dP ⊙ P ⊙ (1 − P),   dQ = scale · dS K,   dK = scale · dSᵀ Q.
 
 Sigmoid rows are not normalised, so unlike softmax there is no row statistic to save or row-sum term to
-subtract: both kernels recompute P from Q and K. The backward is deterministic: one kernel owns a key block
-and loops over every query block of every query head in its GQA group (dK, dV); the other owns a query
-block and loops over the key blocks (dQ). Each output element is written once by one program, no atomics.
+subtract: both kernels recompute P from Q and K. The backward is deterministic by default: one kernel owns a
+key block and loops over every query block of every query head in its GQA group (dK, dV); the other owns a
+query block and loops over the key blocks (dQ). Each output element is written once by one program, no
+atomics. Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV
+kernel also computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
+tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.
 
 Shape key: B batch, T padded length (or the longest packed sequence), H query heads, K key/value heads,
 D head dim, BD head dim padded to a power of two.
@@ -23,14 +26,15 @@ from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
-    """One (query block, key block) pair's dK (unscaled) and dV contributions, from loaded tiles."""
+    """One (query block, key block) pair's dK (unscaled) and dV contributions, from loaded tiles; also dSᵀ
+    in the input dtype [BLOCK_N, BLOCK_M] for the one-pass backward's dQ product."""
     sT = mma(k, tl.trans(q), None, DOT_MODE)
     pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    dsT = pT * (1.0 - pT) * dpT
-    dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
-    return dk, dv
+    dsT = (pT * (1.0 - pT) * dpT).to(q.dtype)
+    dk = mma(dsT, q, dk, DOT_MODE)
+    return dk, dv, dsT
 
 
 @triton.jit
@@ -97,7 +101,7 @@ def _dq_block(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, SEQ, BIAS,
+    Q, K, V, DO, DK, DV, DQA, SEQ, BIAS,
     neg_scale_log2e, scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -105,10 +109,12 @@ def _dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
+    stride_dqab, stride_dqat, stride_dqah,
     T_MAX, HK,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
+    ATOMIC_DQ: tl.constexpr = 0,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -147,10 +153,30 @@ def _dkdv_kernel(
             do_desc = tl.make_tensor_descriptor(
                 do_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dot, 1], block_shape=[BLOCK_M, BLOCK_D]
             )
+            dqa_base = DQA + b * stride_dqab + start * stride_dqat + h * stride_dqah
+            if ATOMIC_DQ == 2:
+                # float32 accumulator read through a descriptor: rows past n are dropped by the bulk reduce.
+                dqa_desc = tl.make_tensor_descriptor(
+                    dqa_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dqat, 1],
+                    block_shape=[BLOCK_M, BLOCK_D],
+                )  # fmt: skip
             for start_m in range(0, n_rows, BLOCK_M):
                 q = q_desc.load([start_m, 0])
                 do = do_desc.load([start_m, 0])
-                dk, dv = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+                dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+                if ATOMIC_DQ != 0:
+                    # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
+                    # is added into a float32 accumulator; the order of the additions varies run to run.
+                    dq_part = mma(tl.trans(dsT), k, None, DOT_MODE)
+                    if ATOMIC_DQ == 2:
+                        # One bulk tensor reduce per tile (the copy engine adds it into global memory).
+                        dqa_desc.atomic_add([start_m, 0], dq_part)
+                    else:
+                        rows = start_m + offs_m
+                        tl.atomic_add(
+                            dqa_base + rows[:, None] * stride_dqat + offs_d[None, :], dq_part,
+                            mask=(rows < n)[:, None] & mask_d[None, :], sem="relaxed",
+                        )  # fmt: skip
         else:
             q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
             do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -275,6 +301,8 @@ def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if bd is not None and bd >= 256:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    if kwargs.get("ATOMIC_DQ"):  # the one-pass tile also stages a float32 dQ share: 128x128 does not fit
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
     return configs if AUTOTUNE else configs[:1]
 
 
@@ -282,9 +310,12 @@ _BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA", "LEN_BUCKET"]
 _dkdv_tuned = (
     None
     if INTERPRET
-    else triton.autotune(_dkdv_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(
-        _dkdv_kernel
-    )
+    else triton.autotune(
+        _dkdv_configs(),
+        key=[*_BWD_KEY, "ATOMIC_DQ"],
+        prune_configs_by={"early_config_prune": _prune_bwd},
+        reset_to_zero=["DQA"],  # the one-pass kernel adds into DQA: each timing launch must start from zero
+    )(_dkdv_kernel)
 )
 _dq_tuned = (
     None
@@ -305,8 +336,12 @@ def attention_backward(
     max_seqlen: int,
     dkdv_config: dict | None = None,
     dq_config: dict | None = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the dK/dV and dQ kernels; layouts as in `attention_forward`. Returns (dq, dk, dv).
+    deterministic=False (16-bit inputs on tensor-descriptor hardware, else ignored): one pass, the dK/dV
+    kernel also adds each pair's dQ share into a float32 buffer with atomics (5 tile products per score pair
+    instead of 7; the summation order, and so the last bits of dQ, vary between runs).
     dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`."""
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -327,24 +362,36 @@ def attention_backward(
         set_descriptor_allocator()
     meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
     meta["LEN_BUCKET"] = len_bucket(t_max)
-    dkdv_args = (q, k, v, do, dk, dv, seq, bias_B, -scale * LOG2E, scale, *s_in)
-    dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), t_max, HK)
+    one_pass = not deterministic and use_tma
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if one_pass else dq
+    dkdv_args = (q, k, v, do, dk, dv, dq_acc, seq, bias_B, -scale * LOG2E, scale, *s_in)
+    dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), t_max, HK)
     dq_args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
     fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
-    for kernel, tuned, args, cfg, heads, blk in (
-        (_dkdv_kernel, _dkdv_tuned, dkdv_args, dkdv_config or fixed, HK, "BLOCK_N"),
-        (_dq_kernel, _dq_tuned, dq_args, dq_config or fixed, H, "BLOCK_M"),
-    ):
+    # Bulk tensor reduce (ATOMIC_DQ=2) on the GPU; the interpreter has no descriptor reduce: element atomics.
+    atomic_dq = (1 if INTERPRET else 2) if one_pass else 0
+    launches = [(_dkdv_kernel, _dkdv_tuned, dkdv_args, dkdv_config or fixed, HK, "BLOCK_N", atomic_dq)]
+    if not one_pass:
+        launches.append((_dq_kernel, _dq_tuned, dq_args, dq_config or fixed, H, "BLOCK_M", None))
+    for kernel, tuned, args, cfg, heads, blk, atomic in launches:
+        extra = {} if atomic is None else {"ATOMIC_DQ": atomic}
         if cfg is not None:
             cfg = dict(cfg)
-            tma = cfg.pop("USE_TMA", True) and use_tma
+            # The one-pass dQ lives on the descriptor path only.
+            tma = use_tma if atomic else cfg.pop("USE_TMA", True) and use_tma
+            cfg.pop("USE_TMA", None)
+            if atomic and "ATOMIC_DQ" in cfg and not INTERPRET:  # benchmarks: element atomics (1), bulk reduce (2)
+                extra["ATOMIC_DQ"] = cfg.pop("ATOMIC_DQ")
+            cfg.pop("ATOMIC_DQ", None)
             cfg.pop("WS", None)  # forward-only options
             cfg.pop("PIPE", None)
-            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, USE_TMA=tma)
+            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, **extra, USE_TMA=tma)
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](
-                *args, **meta, USE_TMA=use_tma
+                *args, **meta, **extra, USE_TMA=use_tma
             )
+    if one_pass:
+        dq = (dq_acc * scale).to(q.dtype)
     if varlen:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv

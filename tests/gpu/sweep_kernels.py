@@ -4,7 +4,8 @@ $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
 (USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the forward
-key loop software-pipelined by hand). SWEEP_ONLY=fwd or bwd limits the sweep to one direction."""
+key loop software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ added with element atomics (1)
+or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the sweep to one part."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ DQ = {
     "tma 128x64 w8 s2": C(128, 64, 8, 2),
     "tma 128x128 w8 s2": C(128, 128, 8, 2),
 }
+ONEPASS = {  # deterministic=False: the dK/dV kernel also adds dQ (no dQ kernel)
+    "reduce 64x128 w8 s2": {**C(64, 128, 8, 2), "ATOMIC_DQ": 2},
+    "reduce 64x128 w8 s3": {**C(64, 128, 8, 3), "ATOMIC_DQ": 2},
+    "reduce 64x64 w4 s2": {**C(64, 64, 4, 2), "ATOMIC_DQ": 2},
+    "atomic 64x128 w8 s2": {**C(64, 128, 8, 2), "ATOMIC_DQ": 1},
+}
 
 
 K0, DQ0 = "ptr 64x128 w8 s3", "ptr 128x32 w8 s2"  # the other kernel's launch while one is varied
@@ -74,6 +81,12 @@ def _time_shape(times, checks, label, B, T, H, D, pad, scale) -> None:
             ms = _bench(lambda cfg=cfg: attention_forward(q, k, v, lens, bias, scale, False, T, config=cfg))
             times[f"{label} fwd {name}"] = flops / ms / 1e9
     if label != "pad4k" and os.environ.get("SWEEP_ONLY") != "fwd":
+        for name, cfg in ONEPASS.items():
+            if isinstance(checks.get(f"1p {name}"), list):
+                kw = dict(dkdv_config=cfg, deterministic=False)
+                ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
+                times[f"{label} bwd[one pass] {name}"] = 2.5 * flops / ms / 1e9
+    if label != "pad4k" and os.environ.get("SWEEP_ONLY") not in ("fwd", "1p"):
         for kind, table in (("dkdv", DKDV), ("dq", DQ)):
             for name, cfg in table.items():
                 if not isinstance(checks.get(f"{kind} {name}"), list):
@@ -112,9 +125,10 @@ def main() -> None:
         return ((a.double() - r).norm() / r.norm()).item()
 
     checks = {}
-    kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ))
+    kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ), ("1p", ONEPASS))
     only = os.environ.get("SWEEP_ONLY")
-    for kind, table in kinds[1:] if only == "bwd" else kinds[:1] if only == "fwd" else kinds:
+    picked = {"bwd": kinds[1:], "fwd": kinds[:1], "1p": kinds[3:]}.get(only or "", kinds)
+    for kind, table in picked:
         for name, cfg in table.items():
             try:
                 if kind == "fwd":
@@ -123,6 +137,8 @@ def main() -> None:
                     e.append(max(o[b, n:].abs().max().item() if n < T else 0.0 for b, n in enumerate(lens.tolist())))
                 else:
                     kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0])
+                    if kind == "1p":
+                        kw = dict(dkdv_config=cfg, deterministic=False)
                     if kind == "dq":
                         kw = dict(dkdv_config=DKDV[K0], dq_config=cfg)
                     dq, dk, dv = attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw)
@@ -138,7 +154,7 @@ def main() -> None:
     # (b) timing: dense B=2, T=8192 and padded p=0.5 B=4, T=4096 (lengths in [T/2, T]).
     times: dict[str, float] = {}
     shapes = (("dense8k", 2, 8192, 0.0), ("pad4k", 4, 4096, 0.5))
-    if os.environ.get("SWEEP_ONLY") == "bwd":
+    if os.environ.get("SWEEP_ONLY") in ("bwd", "1p"):
         shapes = shapes[:1]
     for label, B, T, pad in shapes[:1] if SMOKE else shapes:
         _time_shape(times, checks, label, B, 160 if SMOKE else T, H, D, pad, scale)

@@ -80,6 +80,38 @@ def test_every_forward_launch_of_the_autotuner_list_is_correct():
             assert torch.all(out[b, n:] == 0), f"{cfg}: out[{b}, {n}:] (padding) is not exactly 0"
 
 
+@pytest.mark.parametrize(
+    ("T", "H", "K", "D", "autotune"),
+    [(2048, 4, 4, 128, False), (1536, 4, 2, 64, False), (1000, 4, 1, 80, False), (2048, 4, 2, 128, True)],
+)
+def test_one_pass_backward_matches_float64(T, H, K, D, autotune, monkeypatch):
+    """deterministic=False: dQ summed with bulk reduces inside the dK/dV kernel. With the autotuner on, every
+    config it times adds into the same dQ buffer: the buffer must be reset before each timing launch."""
+    from scfm_kernels import _bwd
+
+    if autotune:
+        monkeypatch.setattr(_bwd, "AUTOTUNE", True)
+        _bwd._dkdv_tuned.cache.clear()
+    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
+    q, k, v = (
+        _rand(3, T, H, D, dtype=torch.bfloat16),
+        _rand(3, T, K, D, dtype=torch.bfloat16),
+        _rand(3, T, K, D, dtype=torch.bfloat16),
+    )
+    out = sk.sigmoid_attention(q, k, v, lens, deterministic=False)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_reference(q64, k64, v64, lens)
+    want = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        err = _relerr(g, w)
+        assert err < TOL[torch.bfloat16], f"{name}: relative error {err:.2e} (one pass, D={D}, T={T})"
+    for b, n in enumerate(lens.tolist()):
+        for name, t in zip(("dq", "dk", "dv"), got):
+            assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0"
+
+
 def test_float32_dense():
     _, got, want = _run(1, 512, 2, 1, 64, torch.float32, None)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
