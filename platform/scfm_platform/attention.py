@@ -5,6 +5,8 @@ Shape key: B cells, T padded tokens, H query heads, K key/value heads (K divides
 Backends (`kind`):
     sigmoid  O = sigmoid(Q Kᵀ/√D − log n_valid) V. CUDA tensors → the Triton kernel `scfm_kernels.sigmoid_attention`;
              CPU tensors → `scfm_kernels.sigmoid_attention_reference` (eager, same numerics in fp32).
+             `deterministic=False` picks the kernel's one-pass backward (dQ summed with atomics: a few % faster
+             at D=128 on Hopper, last bits of dQ vary run to run; docs/benchmarks.md run 10).
     softmax  PyTorch scaled_dot_product_attention; `softmax_backend` pins the SDPA kernel (auto | flash | cudnn |
              efficient | math). Flash cannot take a padding mask: padded batches on `flash` run on `efficient`.
 Both ignore keys at positions ≥ seq_lens and return 0 in rows ≥ seq_lens. scfm_kernels is imported on first use.
@@ -35,15 +37,17 @@ def attention(
     *,
     kind: str = "sigmoid",
     softmax_backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Bidirectional attention over each cell's valid tokens: q [B,T,H,D], k/v [B,T,K,D], seq_lens int32 [B] or
     None (no padding) → [B,T,H,D]."""
     if kind == "sigmoid":
         import scfm_kernels
 
-        fn = scfm_kernels.sigmoid_attention if q_BTHD.is_cuda else scfm_kernels.sigmoid_attention_reference
         lens = None if seq_lens is None else seq_lens.to(torch.int32)
-        return fn(q_BTHD, k_BTKD, v_BTKD, lens)
+        if q_BTHD.is_cuda:
+            return scfm_kernels.sigmoid_attention(q_BTHD, k_BTKD, v_BTKD, lens, deterministic=deterministic)
+        return scfm_kernels.sigmoid_attention_reference(q_BTHD, k_BTKD, v_BTKD, lens)
     if kind == "softmax":
         return _softmax(q_BTHD, k_BTKD, v_BTKD, seq_lens, softmax_backend)
     raise ValueError(f"attention kind {kind!r} is not one of: sigmoid, softmax")

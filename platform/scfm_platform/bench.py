@@ -25,6 +25,7 @@ from scfm_platform.synthetic import synthetic_batch
 
 BACKENDS = {  # name → config overrides
     "sigmoid": ["model.attention=sigmoid"],
+    "sigmoid-1p": ["model.attention=sigmoid", "model.deterministic_attention=false"],
     "flash": ["model.attention=softmax", "model.softmax_backend=flash"],
     "cudnn": ["model.attention=softmax", "model.softmax_backend=cudnn"],
     "efficient": ["model.attention=softmax", "model.softmax_backend=efficient"],

@@ -30,6 +30,7 @@ class ModelConfig:
     mlp_ratio: float = 0.0  # MLP hidden = mlp_ratio * dim (0: from preset)
     attention: str = "sigmoid"  # sigmoid (scfm_kernels) | softmax (PyTorch SDPA)
     softmax_backend: str = "auto"  # auto | flash | cudnn | efficient | math: SDPA backend for softmax
+    deterministic_attention: bool = True  # false: the sigmoid kernel's one-pass backward (dQ by atomics, GPU)
     qk_norm: bool = True  # RMS-normalise queries and keys per head (stabilises sigmoid attention)
     layer_scale: float = 0.0  # LayerScale init value on residual branches (0: off)
     value_encoding: str = "auto"  # auto | binned | continuous: how expression values enter the embedding
@@ -57,7 +58,8 @@ class TrainConfig:
     val_batches: int = 8  # batches per validation pass
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # checkpoints Ray Train keeps
-    divergence_factor: float = 100.0  # stop if grad norm exceeds this times its running median
+    divergence_factor: float = 100.0  # a grad norm above this times its running median is a spike
+    divergence_patience: int = 3  # stop after this many spikes in a row (1: at the first); NaN/inf stops at once
     output_dir: str = "runs"  # local directory for checkpoints and run files
     stop_at_step: int = 0  # end this launch after this step with a checkpoint (0: run to the end); resumable
     peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU (0: known GPUs by name; CPU: nominal 1)
@@ -176,6 +178,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.checkpoint_every": (0, None, True),
     "train.keep_checkpoints": (1, None, True),
     "train.divergence_factor": (1.0, None, False),
+    "train.divergence_patience": (1, None, True),
     "train.stop_at_step": (0, None, True),
     "train.peak_tflops": (0.0, None, True),
     "tracking.local_port": (0, 65535, True),

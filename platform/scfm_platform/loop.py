@@ -55,7 +55,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     state = _restore(engine, rank, payload.get("resume_from"))
     nodes = _worker_nodes()
     log = _logger(cfg, payload, state, nodes) if rank == 0 else None
-    guard, timer = DivergenceGuard(cfg.train.divergence_factor), StepTimer()
+    guard = DivergenceGuard(cfg.train.divergence_factor, patience=cfg.train.divergence_patience)
+    timer = StepTimer()
     peak = peak_flops(device, cfg.train.peak_tflops) * world
     stream = _stream(cfg, rank, world, state, per_epoch)
     stop_file = Path(payload["stop_file"]) if payload.get("stop_file") else None
@@ -105,7 +106,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             "grad_norm_max_layer": per_layer[worst], "grad_norm_max_layer_index": list(per_layer).index(worst),
             "tokens_per_s": sums[1] / dt, "tokens_per_s_per_worker": sums[1] / dt / world, "cells_per_s": sums[2] / dt,
             "mfu": sums[3] / dt / peak, "data_wait_frac": wait, "peak_mem_gib": peak_mem / GIB, "step_time_s": dt,
-            "total_steps": total,
+            "total_steps": total, "grad_norm_spikes": guard.spikes,
         }  # fmt: skip
         metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
         if cfg.train.val_every and state.step % cfg.train.val_every == 0:

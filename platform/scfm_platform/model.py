@@ -93,6 +93,7 @@ class Block(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = d.heads, d.kv_heads, d.head_dim
         self.kind, self.softmax_backend = m.attention, m.softmax_backend
+        self.deterministic = m.deterministic_attention
         self.norm1 = nn.LayerNorm(d.dim)
         self.qkv = nn.Linear(d.dim, (d.heads + 2 * d.kv_heads) * d.head_dim)
         self.q_norm = QKNorm(d.head_dim) if m.qk_norm else nn.Identity()
@@ -115,7 +116,10 @@ class Block(nn.Module):
         q_BTHE = self.q_norm(q_BTHE.view(B, T, self.heads, self.head_dim))
         k_BTKE = self.k_norm(k_BTKE.view(B, T, self.kv_heads, self.head_dim))
         v_BTKE = v_BTKE.view(B, T, self.kv_heads, self.head_dim)
-        o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, seq_lens, kind=self.kind, softmax_backend=self.softmax_backend)
+        o_BTHE = attention(
+            q_BTHE, k_BTKE, v_BTKE, seq_lens,
+            kind=self.kind, softmax_backend=self.softmax_backend, deterministic=self.deterministic,
+        )  # fmt: skip
         a_BTD = self.drop(self.proj(o_BTHE.reshape(B, T, -1)))
         x_BTD = x_BTD + (a_BTD * self.ls1 if self.ls1 is not None else a_BTD)
         f_BTD = self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x_BTD)))))

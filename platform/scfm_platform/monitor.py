@@ -34,14 +34,18 @@ class StepTimer:
 
 
 class DivergenceGuard:
-    """Stop on a non-finite loss or grad norm, or a grad norm above `factor` × the median of the last 100 steps."""
+    """Stop on a non-finite loss or grad norm, or on a grad norm above `factor` × the median of the last 100
+    normal steps for `patience` steps in a row. A shorter burst of spikes is let through (the optimizer step is
+    taken, clipped if clipping is on) and kept out of the median; `spikes` counts them."""
 
-    def __init__(self, factor: float, warmup: int = 10, window: int = 100):
-        self.factor, self.warmup = factor, warmup
+    def __init__(self, factor: float, warmup: int = 10, window: int = 100, patience: int = 1):
+        self.factor, self.warmup, self.patience = factor, warmup, max(1, patience)
         self.history: deque[float] = deque(maxlen=window)
+        self.streak = 0  # consecutive steps above the threshold
+        self.spikes = 0  # such steps let through so far
 
     def check(self, loss: float, grad_norm: float) -> str | None:
-        """None if the step is fine, else the reason to stop (one line)."""
+        """None if the step may go on, else the reason to stop (one line)."""
         if not math.isfinite(loss):
             return f"loss is {loss}"
         if not math.isfinite(grad_norm):
@@ -49,7 +53,13 @@ class DivergenceGuard:
         if len(self.history) >= self.warmup:
             median = statistics.median(self.history)
             if grad_norm > self.factor * median:
-                return f"grad norm {grad_norm:.3g} exceeds {self.factor:g} x running median {median:.3g}"
+                self.streak += 1
+                if self.streak >= self.patience:
+                    run = f" for {self.streak} steps in a row" if self.patience > 1 else ""
+                    return f"grad norm {grad_norm:.3g} exceeds {self.factor:g} x running median {median:.3g}{run}"
+                self.spikes += 1
+                return None
+        self.streak = 0
         self.history.append(grad_norm)
         return None
 

@@ -128,3 +128,16 @@ def test_config_fields_override_preset():
     m = build_model(_cfg("model.dim=48", "model.depth=3", "model.heads=3", "model.mlp_ratio=2"), VOCAB)
     assert (m.dims.dim, m.dims.depth, m.dims.heads, m.dims.mlp_hidden) == (48, 3, 3, 96)
     assert len(m.blocks) == 3
+
+
+def test_deterministic_attention_switch_reaches_every_block():
+    """model.deterministic_attention=false selects the sigmoid kernel's one-pass backward (GPU only; the CPU
+    reference has a single backward, so the same model trains identically here)."""
+    assert all(b.deterministic for b in build_model(_cfg(), VOCAB).blocks)
+    m = build_model(_cfg("model.deterministic_attention=false"), VOCAB)
+    assert not any(b.deterministic for b in m.blocks)
+    torch.manual_seed(0)
+    a = build_model(_cfg(), VOCAB)
+    torch.manual_seed(0)
+    b = build_model(_cfg("model.deterministic_attention=false"), VOCAB)
+    assert torch.equal(_loss(a, _batch(), _cfg())[0], _loss(b, _batch(), _cfg())[0])

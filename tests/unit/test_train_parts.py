@@ -62,6 +62,19 @@ def test_divergence_guard():
     assert reason is not None and "exceeds 10 x running median" in reason
 
 
+def test_divergence_guard_lets_short_spike_bursts_through():
+    g = DivergenceGuard(factor=10.0, warmup=3, patience=3)
+    for _ in range(3):
+        assert g.check(2.0, 1.0) is None
+    assert g.check(2.0, 500.0) is None and g.check(2.0, 80.0) is None  # two spikes in a row: let through
+    assert g.spikes == 2 and list(g.history) == [1.0, 1.0, 1.0]  # spikes stay out of the median
+    assert g.check(2.0, 1.2) is None  # a normal step ends the burst
+    assert g.check(2.0, 50.0) is None and g.check(2.0, 50.0) is None
+    reason = g.check(2.0, 50.0)
+    assert reason is not None and "for 3 steps in a row" in reason
+    assert g.check(float("inf"), 1.0) == "loss is inf"  # non-finite values stop at once, whatever the patience
+
+
 def test_flops_formula_by_hand():
     model = build_model(_cfg("model.objective=gene"), 203)
     d = model.dims  # tiny: dim 64, depth 2, heads 4, mlp 256
