@@ -27,7 +27,8 @@ class DataConfig:
     val_fraction: float = 0.02  # held-out cells (by soma_joinid hash) for validation loss
     shuffle_block_cells: int = 4096  # cells of a shuffle window (4 runs of consecutive soma_joinids), batched together
     bucket_window_batches: int = 1024  # max steps per Ray Data read task (a task reads one window's steps of a rank)
-    read_workers: int = 2  # Ray Data read/tokenize parallelism (concurrent read tasks; tokenizer actor pool size)
+    read_workers: int = 2  # Ray Data parallelism: concurrent read tasks (and tokenizer actors with tokenize_on=actors)
+    tokenize_on: str = "read"  # read: each read task tokenizes its unit | actors: map_batches on an actor pool
     bucket_ratio: float = 1.05  # length-bucket edges grow by this factor: padding < 1 - 1/ratio of a batch
     engine: str = "ray"  # ray (the Ray Data pipeline; training) | local (same read/tokenize code in-process)
-    task_cpus: float = 0.1  # CPUs each Ray Data read task / tokenizer actor reserves (shares nodes with trainers)
+    task_cpus: float = 0.1  # CPUs each Ray Data read task or tokenizer actor reserves (shares nodes with trainers)

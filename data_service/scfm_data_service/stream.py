@@ -5,8 +5,9 @@ shuffle window form a read unit (a few contiguous runs of soma_joinids, so a few
 Datasource has one read task per unit that reads it (atlas X rows, or the zarr token cache), tokenizes (atlas
 path), draws the masks and pads every step into its [B, T] arrays, so the consumer only turns each step's arrays
 into tensors. (Tokenizing in the read task, not on a separate actor pool, saves a hop through the object store:
-1.1-2x the cells/s on a 2-core machine, docs/benchmarks.md.) Inside a Ray Train worker the running Ray is used;
-standalone, a local Ray is started.
+1.1-2x the cells/s on a 2-core machine, docs/benchmarks.md.) `data.tokenize_on=actors` moves tokenizing, masking
+and padding to `map_batches` on an actor pool of `read_workers` actors instead (same batches), for nodes where the
+read tasks should stay light. Inside a Ray Train worker the running Ray is used; standalone, a local Ray is started.
 engine="local" runs the same read and tokenize code in-process (notebooks, quick checks).
 
 Masking is a pure function of (seed, epoch, soma_joinid, position): the same cell gets the same mask in an epoch
@@ -32,6 +33,7 @@ from scfm_data_service.tokenize import TOKENIZERS, token_lengths
 
 SPLITS = ("train", "val", "all")  # all: every cell once (train + val), unshuffled, e.g. for embeddings
 ENGINES = ("ray", "local")
+TOKENIZE_ON = ("read", "actors")
 VAL_EPOCH = 0xFFFFFFFF
 
 
@@ -65,6 +67,8 @@ def _check(cfg: DataConfig) -> None:
         raise DataError(f"data.tokenizer={cfg.tokenizer!r} is not a tokenizer; allowed: {', '.join(TOKENIZERS)}")
     if cfg.engine not in ENGINES:
         raise DataError(f"data.engine={cfg.engine!r} is not an engine; allowed: {', '.join(ENGINES)}")
+    if cfg.tokenize_on not in TOKENIZE_ON:
+        raise DataError(f"data.tokenize_on={cfg.tokenize_on!r} is not a stage; allowed: {', '.join(TOKENIZE_ON)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if not 0.0 <= cfg.mask_ratio <= 1.0:
@@ -200,12 +204,28 @@ def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
+    in_read = cfg.tokenize_on == "read"  # each read task also tokenizes, masks and pads its unit
     ds = ray.data.read_datasource(
-        plan_datasource(units, reader, tokenizer),  # each read task also tokenizes, masks and pads its unit
+        plan_datasource(units, reader, tokenizer if in_read else None),
         override_num_blocks=len(units),
         concurrency=max(1, cfg.read_workers),
         num_cpus=cfg.task_cpus,
     )
+    if not in_read:  # tokenize (atlas path), mask and pad on an actor pool
+        ds = ds.map_batches(
+            Tokenizer,
+            fn_constructor_args=(
+                tokenizer.kind,
+                tokenizer.max_len,
+                tokenizer.n_bins,
+                tokenizer.gene_median,
+                (tokenizer.mask_ratio, tokenizer.seed, tokenizer.epoch),
+            ),
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.read_workers)),
+            num_cpus=cfg.task_cpus,
+        )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
 

@@ -121,9 +121,10 @@ def test_val_is_held_out_deterministic_and_all_covers_everything(demo_atlas):  #
     assert len(everything) == read_meta(demo_atlas)["n_cells"]
 
 
-def test_ray_data_pipeline_gives_the_same_batches_as_in_process(demo_atlas, local_ray):  # noqa: F811
+@pytest.mark.parametrize("tokenize_on", ["read", "actors"])
+def test_ray_data_pipeline_gives_the_same_batches_as_in_process(demo_atlas, local_ray, tokenize_on):  # noqa: F811
     cfg = small_config(demo_atlas, tokenizer="binned", n_bins=11)
-    ray_cfg = replace(cfg, engine="ray")
+    ray_cfg = replace(cfg, engine="ray", tokenize_on=tokenize_on)
     world = 2
     for rank in range(world):
         want = list(iter_batches(cfg, rank=rank, world_size=world, epoch=1, start_step=2))
@@ -149,6 +150,8 @@ def test_zarr_token_cache_gives_the_same_batches(demo_atlas, tmp_path, tokenizer
 def test_config_errors_name_the_key(demo_atlas):  # noqa: F811
     with pytest.raises(DataError, match=r"data\.tokenizer='bpe'.*allowed: rank, binned"):
         steps_per_epoch(small_config(demo_atlas, tokenizer="bpe"), 1)
+    with pytest.raises(DataError, match=r"data\.tokenize_on='gpu'.*allowed: read, actors"):
+        steps_per_epoch(small_config(demo_atlas, tokenize_on="gpu"), 1)
     with pytest.raises(DataError, match="tokens_per_batch"):
         steps_per_epoch(small_config(demo_atlas, tokens_per_batch=100), 1)
     with pytest.raises(DataError, match=r"not an atlas|no scfm metadata"):
