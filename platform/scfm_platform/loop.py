@@ -198,14 +198,17 @@ def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
         return {}
     try:
         import scfm_data_service
-        from scfm_platform.eval.evaluate import training_scores
+        from scfm_platform.eval.evaluate import dataset_cells, only_cells, training_scores
 
-        d, split = cfg.data, "val"
-        if cfg.eval.atlas:  # a separate labelled atlas: all of its cells
-            d, split = replace(cfg.data, atlas=cfg.eval.atlas, tokens=None, val_fraction=0.0), "train"
-        labels = scfm_data_service.read_obs(d.atlas, columns=(cfg.eval.label,))[cfg.eval.label]
-        batches = data.batches(d, rank=0, world_size=1, epoch=0, split=split)
-        scores = training_scores(engine.module, batches, labels, seed=cfg.train.seed, max_cells=cfg.eval.max_cells)
+        d, split, e = cfg.data, "val", cfg.eval
+        if e.atlas:  # a separate labelled atlas: all of its cells
+            d, split = replace(cfg.data, atlas=e.atlas, tokens=None, val_fraction=0.0), "train"
+        elif e.datasets:  # every cell of these datasets of the training atlas
+            split = "all"
+        obs = scfm_data_service.read_obs(d.atlas, columns=(e.label, "dataset_id") if e.datasets else (e.label,))
+        keep = dataset_cells(obs, e.datasets, d.atlas)
+        batches = only_cells(data.batches(d, rank=0, world_size=1, epoch=0, split=split), keep)
+        scores = training_scores(engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells)
     except Exception as e:
         warnings.warn(f"in-training evaluation failed, training goes on: {e}", stacklevel=2)
         return {}

@@ -51,8 +51,9 @@ class LocalServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
 
-    def start(self, timeout: float = 120.0) -> str:
-        """Start the server and wait until /health answers; raises RunError with the log tail if it does not."""
+    def start(self, timeout: float = 300.0) -> str:
+        """Start the server and wait until /health answers; raises RunError with the log tail if it does not
+        (or exits). The wait is long because a first start on a busy machine can take minutes (imports, tables)."""
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (owned by the child for its lifetime)
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,9 +174,10 @@ class RunLogger:
         self._q.put(("text", text, artifact_file))
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush what can be flushed within `timeout` seconds, then stop the thread."""
-        self._q.put(("close",))
-        self._thread.join(timeout)
+        """Flush what can be flushed within `timeout` seconds (retrying an unreachable server every second until
+        then), then stop the thread."""
+        self._q.put(("close", time.monotonic() + timeout))
+        self._thread.join(timeout + 5.0)
         self._stop.set()
 
     # -- background thread ---------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class RunLogger:
 
         metrics: list[Any] = []
         other: list[tuple] = []
-        closing, outage, backoff, next_try, next_sys = False, False, 1.0, 0.0, 0.0
+        closing, outage, backoff, next_try, next_sys, deadline = False, False, 1.0, 0.0, 0.0, 0.0
         while True:
             try:
                 item = self._q.get(timeout=0.5)
@@ -193,7 +195,7 @@ class RunLogger:
                         _, m, step, ts = item
                         metrics += [Metric(k, float(v), ts, step) for k, v in m.items()]
                     elif item[0] == "close":
-                        closing = True
+                        closing, deadline, next_try = True, item[1], 0.0  # try again now, then every second
                     else:
                         other.append(item)
                     item = self._q.get_nowait()
@@ -206,7 +208,7 @@ class RunLogger:
                 metrics += [Metric(k, v, ts, 0) for k, v in _system_metrics().items()]
             if len(metrics) > MAX_PENDING:
                 metrics = metrics[-MAX_PENDING:]
-            if (metrics or other) and (now >= next_try or closing):
+            if (metrics or other) and now >= next_try:
                 try:
                     while other:
                         kind, *args = other[0]
@@ -233,10 +235,15 @@ class RunLogger:
                             stacklevel=1,
                         )
                     outage, backoff = True, min(backoff * 2, 30.0)
-                    next_try = now + backoff
-                    if closing:
-                        return
-            if closing and not metrics and not other:
+                    next_try = now + (1.0 if closing else backoff)
+            if closing and (metrics or other) and time.monotonic() >= deadline:
+                warnings.warn(
+                    f"MLflow at {self.uri} still unreachable at the end: {len(metrics)} metric points and "
+                    f"{len(other)} other records were not logged",
+                    stacklevel=1,
+                )
+                return
+            if closing and not (metrics or other):
                 return
 
 

@@ -30,6 +30,8 @@ TRAIN = [
     "train.checkpoint_every=4",
     "train.warmup_steps=1",
     "train.val_every=0",
+    "eval.every=4",  # in-training evaluation at the last step, on the PBMC cells only
+    "eval.datasets=[pbmc68k_reduced]",
     "deepspeed.zero_stage=2",
     "resources.num_workers=1",
     "resources.use_gpu=false",
@@ -83,6 +85,18 @@ def test_checkpoint_holds_run_config(trained):
     assert info["config"]["model"]["preset"] == "tiny" and info["vocab_size"] > 3
 
 
+def test_in_training_eval_scores_the_named_datasets(trained):
+    """eval.every + eval.datasets: rank 0 embeds and scores every PBMC cell at step 4, logged as eval/<score>."""
+    from mlflow import MlflowClient
+
+    _, _, res, uri = trained
+    c = MlflowClient(tracking_uri=uri)
+    first = sorted(c.get_metric_history(res.mlflow_run_id, "eval/n_cells"), key=lambda m: m.timestamp)[0]
+    assert (first.step, first.value) == (4, 700.0)  # all 700 PBMC cells, none of the 300 synthetic ones
+    asw = sorted(c.get_metric_history(res.mlflow_run_id, "eval/asw_label"), key=lambda m: m.timestamp)[0]
+    assert asw.step == 4 and 0.0 <= asw.value <= 1.0
+
+
 def test_launch_eval_end_to_end(trained, tmp_path, capsys):
     import anndata as ad
     import matplotlib.image as mpimg
@@ -112,6 +126,7 @@ def test_launch_eval_end_to_end(trained, tmp_path, capsys):
     assert 0.0 <= scores["knn_accuracy"] <= 1.0
 
     run = MlflowClient(tracking_uri=uri).get_run(res.mlflow_run_id)  # the training run itself
+    # logged at the checkpoint's step (4), after the in-training point of the same step: the latest value
     assert run.data.metrics["eval/knn_accuracy"] == pytest.approx(scores["knn_accuracy"])
     assert run.data.tags["scfm.checkpoint"] == str(ckpt)
     assert run.info.status == "FINISHED"

@@ -4,8 +4,11 @@ One scenario through the real CLI (subprocesses), a real local Ray and a real ML
 1. `launch run` starts (tiny model, synthetic:400, 1 worker, checkpoints every 5 steps) against the MLflow server,
    with an MLflow URI and a Ray address that carry credentials (one from an environment variable);
 2. after the step-5 checkpoint the MLflow server is killed (its whole process group), after step 10 it is started
-   again on the same port and store; training never stops and the worker warns about the outage;
-3. after step 15, SIGTERM to `launch run`: it checkpoints at the step it is on and exits 143 with one message;
+   again on the same port and store (in the background: training never stops) and the worker warns about the
+   outage; a report every 2 steps (`train.log_every=2`, ~0.5 s each on a CPU) keeps the run going long enough
+   for the restart even on a slow machine;
+3. after step 15, once the server answers again, SIGTERM to `launch run`: it checkpoints at the step it is on and
+   exits 143 with one message;
 4. `launch run --resume` continues from that checkpoint to the end (exit 0), and `--resume` with another
    `model.preset` fails with one line naming the mismatch (exit 2).
 Afterwards MLflow holds every step's loss exactly once (the outage's metrics were logged later), and no secret.
@@ -13,6 +16,7 @@ Afterwards MLflow holds every step's loss exactly once (the outage's metrics wer
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -29,7 +33,7 @@ pytest.importorskip("deepspeed")
 from scfm_platform.tracking import LocalServer
 
 SECRET = "s3cr3t"
-STEPS = 60
+STEPS = 80
 OVERRIDES = [
     "data.atlas=synthetic:400",
     "data.max_len=32",
@@ -41,6 +45,7 @@ OVERRIDES = [
     f"train.steps={STEPS}",
     "train.warmup_steps=2",
     "train.val_every=0",
+    "train.log_every=2",
     "train.checkpoint_every=5",
     "train.keep_checkpoints=100",
     "deepspeed.zero_stage=1",
@@ -89,8 +94,13 @@ def scenario(tmp_path_factory):
         out["outage_started"] = time.monotonic() - t0
         _wait_for("runs/rel/run-*/checkpoint_00000010", tmp, proc)
         server = LocalServer(tmp / "mlflow", server.port)
-        server.start()
-        _wait_for("runs/rel/run-*/checkpoint_00000015", tmp, proc)
+        t_restart = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = pool.submit(server.start)
+            _wait_for("runs/rel/run-*/checkpoint_00000015", tmp, proc)
+            started.result()  # the server answers again (raises with its log if it never does)
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the MLflow restart ({time.monotonic() - t_restart:.0f} s) was done")
         proc.send_signal(signal.SIGTERM)
         t_sig = time.monotonic()
         try:

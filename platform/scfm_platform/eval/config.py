@@ -6,7 +6,7 @@ Every `every` optimizer steps, rank 0 embeds a held-out labelled set with the ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -14,4 +14,5 @@ class EvalConfig:
     every: int = 0  # optimizer steps between in-training evaluations (0: never)
     atlas: str | None = None  # labelled SOMA atlas to embed (None: the validation split of data.atlas)
     label: str = "cell_type"  # obs column holding the cell-type labels
+    datasets: list[str] = field(default_factory=list)  # score all cells of these datasets (obs dataset_id) instead
     max_cells: int = 2000  # cells scored per evaluation (seeded subset), so one evaluation takes seconds

@@ -85,12 +85,14 @@ def evaluate_embeddings(
     experiment: str = "scfm",
     tags: Mapping[str, str] | None = None,
     log: bool = True,
+    step: int = 0,
 ) -> EvalResult:
     """Write X [N, D] (cells `joinids` [N]) to zarr and h5ad, score it against obs[label], plot, log to MLflow.
 
     `obs` is indexed by soma_joinid and holds `label` (and `batch_key`, used for isolated labels when present).
     Scores go to MLflow run `run_id` (as eval/<score>, with scores.json and umap.png as artifacts), or to a new run
-    in `experiment` tagged with `tags` when `run_id` is None; `log=False` skips MLflow.
+    in `experiment` tagged with `tags` when `run_id` is None; `log=False` skips MLflow. `step`: the training step
+    the scores belong to (a checkpoint's step), so they sit beside the in-training eval/<score> points.
     """
     if label not in obs.columns:
         raise RunError(f"label column {label!r} is not in the cell metadata; columns: {sorted(obs.columns)}")
@@ -120,6 +122,7 @@ def evaluate_embeddings(
             experiment=experiment,
             tags=tags,
             artifacts=[out / "scores.json", umap_png],
+            step=step,
         )
     return EvalResult(scores, out, zarr_path, h5ad_path, umap_png, logged)
 
@@ -243,15 +246,9 @@ def _evaluate_atlas(
     data_cfg = replace(cfg.data, atlas=str(data), tokens=None, engine="local")
     _check_vocab(data, cfg, model, ckpt)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
-    keep = _dataset_filter(obs, datasets, data)
-    batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all")
+    keep = dataset_cells(obs, datasets, data)
+    batches = only_cells(data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all"), keep)
     if keep is not None:
-        import torch
-
-        from scfm_data_service import schema
-
-        rows = ((b, torch.isin(b[schema.SOMA_JOINID], keep)) for b in batches)
-        batches = ({k: v[m] for k, v in b.items()} for b, m in rows if m.any())
         obs = obs.loc[keep.numpy()]
     joinids, X = embed_cells(model, batches)
     tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": source or str(data)}
@@ -270,10 +267,37 @@ def _evaluate_atlas(
             run_id=_existing_run(uri, source_run),
             experiment=cfg.tracking.experiment,
             tags=tags,
+            step=_checkpoint_step(ckpt),
         )
 
 
-def _dataset_filter(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) -> torch.Tensor | None:
+def _checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its train_state.json), 0 if unknown."""
+    try:
+        return int(json.loads((Path(ckpt) / "train_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def only_cells(
+    batches: Iterable[Mapping[str, torch.Tensor]], keep: torch.Tensor | None
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """The rows of each batch whose soma_joinid is in `keep` (int64 [N]); batches left empty are dropped.
+    keep=None: every batch as it is."""
+    import torch
+
+    from scfm_data_service import schema
+
+    for b in batches:
+        if keep is None:
+            yield b
+            continue
+        m = torch.isin(b[schema.SOMA_JOINID], keep)
+        if m.any():
+            yield {k: v[m] for k, v in b.items()}
+
+
+def dataset_cells(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) -> torch.Tensor | None:
     """soma_joinids [N] of the cells in `datasets`, or None for all; unknown names are an error listing the known."""
     import torch
 
