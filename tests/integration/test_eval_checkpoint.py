@@ -111,6 +111,7 @@ def test_launch_eval_end_to_end(trained, tmp_path, capsys):
     assert _launch(["eval", str(ckpt.parent), "--data", atlas, "--label", "cell_type", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "asw_label" in printed and "knn_accuracy" in printed and res.mlflow_run_id in printed
+    assert "(step 4): loading the model" in printed and "embedded 1000 cells" in printed  # stage lines
 
     obs = scfm_data_service.read_obs(atlas, ["cell_type"])  # every cell of the atlas (indexed by soma_joinid)
     assert len(obs) == 700 + 300

@@ -160,13 +160,15 @@ def evaluate_checkpoint(
     from scfm_platform.inference import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint)
+    print_fn(f"checkpoint {ckpt} (step {_checkpoint_step(ckpt)}): loading the model")
     if not str(data).endswith(".h5ad"):
         if atlas or use_raw:
             raise RunError(f"--atlas and --use-raw apply to an .h5ad --data only; {data} is an atlas")
         model, cfg, source_run = load_model_for_inference(ckpt)
         return _evaluate_atlas(
-            model, cfg, ckpt, source_run, str(data), datasets, out_dir, label, tracking_uri, seed, source=None
-        )
+            model, cfg, ckpt, source_run, str(data), datasets, out_dir, label, tracking_uri, seed, source=None,
+            print_fn=print_fn,
+        )  # fmt: skip
     if datasets:
         raise RunError(f"--datasets picks datasets of an atlas; {data} is one file: all its cells are evaluated")
     model, cfg, source_run = load_model_for_inference(ckpt)
@@ -180,8 +182,9 @@ def evaluate_checkpoint(
         )
         print_fn(f"{data}: {aligned.summary()}")
         return _evaluate_atlas(
-            model, cfg, ckpt, source_run, aligned.uri, None, out, label, tracking_uri, seed, source=str(data)
-        )
+            model, cfg, ckpt, source_run, aligned.uri, None, out, label, tracking_uri, seed, source=str(data),
+            print_fn=print_fn,
+        )  # fmt: skip
 
 
 def _training_atlas(ckpt: Path, cfg: Any, given: str | None) -> str:
@@ -235,8 +238,10 @@ def _evaluate_atlas(
     seed: int,
     *,
     source: str | None,
+    print_fn: Callable[[str], Any] = print,
 ) -> EvalResult:
     """evaluate_checkpoint on atlas `data` once the model is loaded (`source`: the .h5ad the atlas was built from)."""
+    import time
     from dataclasses import replace
 
     from scfm_data_service import read_obs
@@ -250,7 +255,9 @@ def _evaluate_atlas(
     batches = only_cells(data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all"), keep)
     if keep is not None:
         obs = obs.loc[keep.numpy()]
+    t0 = time.monotonic()
     joinids, X = embed_cells(model, batches)
+    print_fn(f"embedded {len(joinids)} cells in {time.monotonic() - t0:.0f} s; scoring them and drawing the UMAP")
     tags = {runs.CHECKPOINT_TAG: str(ckpt), "scfm.eval_data": source or str(data)}
     if source_run:
         tags[runs.SOURCE_RUN_TAG] = source_run
