@@ -108,16 +108,26 @@ def as_config(cfg) -> DataConfig:
     return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
 
 
-def epoch_plan(cfg: DataConfig, *, epoch: int, world_size: int, split: str = "train") -> EpochPlan:
-    """The plan all ranks share for this epoch (deterministic in cfg, epoch, world_size)."""
+def epoch_plan(
+    cfg: DataConfig, *, epoch: int, world_size: int, split: str = "train", only: np.ndarray | None = None
+) -> EpochPlan:
+    """The plan all ranks share for this epoch (deterministic in cfg, epoch, world_size); `only`: soma_joinids
+    [K] to restrict the split to (cells outside it are never read)."""
     if split not in SPLITS:
         raise DataError(f"split={split!r}; allowed: {', '.join(SPLITS)}")
     cfg = as_config(cfg)
     cells = _cells(cfg)
+    subset = None if only is None else np.unique(np.asarray(only, dtype=np.int64))
     key = (id(cells), tuple(sorted(asdict(cfg).items())), split, epoch if split == "train" else 0, world_size)
+    key += (None if subset is None else hash(subset.tobytes()),)
     if key not in _PLANS:
         held = is_val(cells.joinids, cfg.val_fraction)
         keep = {"val": held, "train": ~held, "all": np.ones_like(held)}[split]
+        if subset is not None:
+            unknown = np.setdiff1d(subset, cells.joinids)
+            if len(unknown):
+                raise DataError(f"{len(unknown)} of the requested cells are not in {cfg.atlas} (e.g. {unknown[0]})")
+            keep = keep & np.isin(cells.joinids, subset)
         if len(_PLANS) > 16:
             _PLANS.clear()
         _PLANS[key] = make_plan(
@@ -237,12 +247,14 @@ def iter_batches(
     epoch: int,
     start_step: int = 0,
     split: str = "train",
+    only: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's batches of the epoch from `start_step` on (schema.py); train: steps_per_epoch of them."""
+    """Yield this rank's batches of the epoch from `start_step` on (schema.py); train: steps_per_epoch of them.
+    `only`: soma_joinids [K]: just these cells of the split (e.g. one dataset for evaluation); no other is read."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
     cfg = as_config(cfg)
-    plan = epoch_plan(cfg, epoch=epoch, world_size=world_size, split=split)
+    plan = epoch_plan(cfg, epoch=epoch, world_size=world_size, split=split, only=only)
     if not 0 <= start_step <= plan.steps:
         raise DataError(f"start_step={start_step} must be in [0, {plan.steps}] (steps per epoch)")
     cells = _cells(cfg)

@@ -7,6 +7,7 @@ Batches follow `scfm_data_service.schema`. The synthetic stream (no atlas, deter
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -48,17 +49,26 @@ def steps_per_epoch(d: DataConfig, world_size: int) -> int:
 
 
 def batches(
-    d: DataConfig, *, rank: int, world_size: int, epoch: int, start_step: int = 0, split: str = "train"
+    d: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    start_step: int = 0,
+    split: str = "train",
+    only: Any = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's batches of one epoch, from batch `start_step` on."""
+    """This rank's batches of one epoch, from batch `start_step` on; `only`: soma_joinids to restrict to (atlas)."""
     n = _synthetic_cells(d)
     if n is None:
         import scfm_data_service
 
         yield from scfm_data_service.iter_batches(
-            d, rank=rank, world_size=world_size, epoch=epoch, start_step=start_step, split=split
+            d, rank=rank, world_size=world_size, epoch=epoch, start_step=start_step, split=split, only=only
         )
         return
+    if only is not None:
+        raise ValueError("the synthetic stream has no soma_joinids to pick from (only= needs an atlas)")
     steps = steps_per_epoch(d, world_size) if split == "train" else 1 << 30
     for step in range(start_step, steps):
         key = (d.seed * 1_000_003 + epoch) * 1_000_003 + step * 64 + rank * 2 + (split == "val")

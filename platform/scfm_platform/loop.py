@@ -198,7 +198,7 @@ def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
         return {}
     try:
         import scfm_data_service
-        from scfm_platform.eval.evaluate import dataset_cells, only_cells, training_scores
+        from scfm_platform.eval.evaluate import dataset_cells, training_scores
 
         d, split, e = cfg.data, "val", cfg.eval
         if e.atlas:  # a separate labelled atlas: all of its cells
@@ -207,7 +207,8 @@ def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
             split = "all"
         obs = scfm_data_service.read_obs(d.atlas, columns=(e.label, "dataset_id") if e.datasets else (e.label,))
         keep = dataset_cells(obs, e.datasets, d.atlas)
-        batches = only_cells(data.batches(d, rank=0, world_size=1, epoch=0, split=split), keep)
+        d = replace(d, engine="local")  # rank 0 reads the evaluation cells in-process (no Ray Data pipeline)
+        batches = data.batches(d, rank=0, world_size=1, epoch=0, split=split, only=keep)
         scores = training_scores(engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells)
     except Exception as e:
         warnings.warn(f"in-training evaluation failed, training goes on: {e}", stacklevel=2)

@@ -169,6 +169,23 @@ def test_a_read_unit_is_a_few_contiguous_runs_of_the_atlas(demo_atlas):  # noqa:
         assert np.count_nonzero(np.diff(pos) > 1) + 1 <= BLOCKS_PER_WINDOW
 
 
+def test_only_these_cells_are_planned_and_read(demo_atlas):  # noqa: F811
+    """iter_batches(only=joinids): exactly those cells, once each, and the readers touch about only them (the
+    evaluation path of one dataset); an id outside the atlas is one error naming how many."""
+    cfg = small_config(demo_atlas)
+    everything = _ids(_epoch(cfg, 1, 0, split="all")[0])
+    pick = np.sort(everything)[300:800]  # consecutive soma_joinids, as one ingested dataset is
+    with record_reads() as full:
+        list(iter_batches(cfg, rank=0, world_size=1, epoch=0, split="all"))
+    with record_reads() as log:
+        got = _ids(list(iter_batches(cfg, rank=0, world_size=1, epoch=0, split="all", only=pick)))
+    assert np.array_equal(np.sort(got), pick)
+    assert all(pick[0] <= first and first + rows <= pick[-1] + 1 for _, first, rows in log)  # nothing outside
+    assert sum(rows for _, _, rows in log) < 0.5 * sum(rows for _, _, rows in full)
+    with pytest.raises(DataError, match="1 of the requested cells are not in"):
+        list(iter_batches(cfg, rank=0, world_size=1, epoch=0, split="all", only=np.array([10**9])))
+
+
 @pytest.mark.parametrize("path", ["atlas", "tokens"])
 def test_each_rank_reads_only_its_share(demo_atlas, tmp_path, path):  # noqa: F811
     """The reads each rank's reader issues (real readers, recorded): with 4 ranks each reads ~1/4 of what one rank

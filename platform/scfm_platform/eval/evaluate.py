@@ -252,9 +252,9 @@ def _evaluate_atlas(
     _check_vocab(data, cfg, model, ckpt)
     obs = read_obs(data, [label, "dataset_id"] if label != "dataset_id" else [label])
     keep = dataset_cells(obs, datasets, data)
-    batches = only_cells(data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all"), keep)
+    batches = data_batches(data_cfg, rank=0, world_size=1, epoch=0, split="all", only=keep)
     if keep is not None:
-        obs = obs.loc[keep.numpy()]
+        obs = obs.loc[keep]
     t0 = time.monotonic()
     joinids, X = embed_cells(model, batches)
     print_fn(f"embedded {len(joinids)} cells in {time.monotonic() - t0:.0f} s; scoring them and drawing the UMAP")
@@ -286,28 +286,9 @@ def _checkpoint_step(ckpt: Path) -> int:
         return 0
 
 
-def only_cells(
-    batches: Iterable[Mapping[str, torch.Tensor]], keep: torch.Tensor | None
-) -> Iterator[Mapping[str, torch.Tensor]]:
-    """The rows of each batch whose soma_joinid is in `keep` (int64 [N]); batches left empty are dropped.
-    keep=None: every batch as it is."""
-    import torch
-
-    from scfm_data_service import schema
-
-    for b in batches:
-        if keep is None:
-            yield b
-            continue
-        m = torch.isin(b[schema.SOMA_JOINID], keep)
-        if m.any():
-            yield {k: v[m] for k, v in b.items()}
-
-
-def dataset_cells(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) -> torch.Tensor | None:
-    """soma_joinids [N] of the cells in `datasets`, or None for all; unknown names are an error listing the known."""
-    import torch
-
+def dataset_cells(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) -> np.ndarray | None:
+    """soma_joinids int64 [N] of the cells in `datasets`, or None for all; unknown names are an error listing the
+    known ones."""
     if not datasets:
         return None
     known = sorted(obs["dataset_id"].astype(str).unique())
@@ -315,7 +296,7 @@ def dataset_cells(obs: pd.DataFrame, datasets: Sequence[str] | None, data: str) 
     if unknown:
         raise RunError(f"{data}: no dataset {', '.join(map(repr, unknown))}; its datasets: {', '.join(known)}")
     ids = obs.index[obs["dataset_id"].astype(str).isin(list(datasets))].to_numpy()
-    return torch.as_tensor(np.sort(ids), dtype=torch.int64)
+    return np.sort(ids).astype(np.int64)
 
 
 def _existing_run(uri: str | None, run_id: str | None) -> str | None:
