@@ -1,5 +1,5 @@
 """`launch eval CHECKPOINT --data FILE.h5ad`: a file's cells tokenized on the training atlas's vocabulary and
-medians. Reuses test_eval_checkpoint's tiny trained checkpoint; the file holds exactly the atlas's counts of some of
+medians. Reuses the tiny trained checkpoint of conftest.py; the file holds exactly the atlas's counts of some of
 its cells (genes permuted, some absent, unknown genes added), so its embeddings must equal the atlas path's.
 """
 
@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from test_eval_checkpoint import _launch, trained  # noqa: F401  (the module-scoped checkpoint fixture)
+from test_eval_checkpoint import _launch  # `trained` is the session-scoped fixture of conftest.py
 
 
 def _atlas_counts(atlas: str, joinids: np.ndarray):
@@ -37,7 +37,7 @@ def _atlas_counts(atlas: str, joinids: np.ndarray):
 
 
 @pytest.fixture(scope="module")
-def donor_file(trained, tmp_path_factory):  # noqa: F811
+def donor_file(trained, tmp_path_factory):
     """(path, atlas joinids of its rows, annot labels): 150 atlas cells in shuffled order, as an .h5ad of counts."""
     import anndata as ad
     import pandas as pd
@@ -71,7 +71,7 @@ def donor_file(trained, tmp_path_factory):  # noqa: F811
     return path, joinids, annot, (len(cols), n_unknown)
 
 
-def test_eval_h5ad_embeds_every_cell_like_the_atlas(trained, donor_file, tmp_path, capsys):  # noqa: F811
+def test_eval_h5ad_embeds_every_cell_like_the_atlas(trained, donor_file, tmp_path, capsys):
     import anndata as ad
 
     from scfm_platform.checkpoint import load_model_for_inference
@@ -108,7 +108,7 @@ def test_eval_h5ad_embeds_every_cell_like_the_atlas(trained, donor_file, tmp_pat
     np.testing.assert_allclose(X, all_X[np.searchsorted(all_ids, joinids)], rtol=1e-4, atol=1e-5)
 
 
-def test_eval_h5ad_errors_are_one_line(trained, donor_file, tmp_path, capsys):  # noqa: F811
+def test_eval_h5ad_errors_are_one_line(trained, donor_file, tmp_path, capsys):
     atlas, ckpt, _, _ = trained
     path = str(donor_file[0])
     cases = [
