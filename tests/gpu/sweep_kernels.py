@@ -3,9 +3,10 @@ then do_bench medians side by side. `python tests/gpu/sweep_kernels.py` (needs a
 $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
-(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the forward
-key loop software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ added with element atomics (1)
-or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the sweep to one part."""
+(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the key loop
+(forward, dQ) or query loop (dK/dV) software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ
+added with element atomics (1) or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the
+sweep to one part."""
 
 from __future__ import annotations
 
@@ -42,12 +43,16 @@ DKDV = {  # BLOCK_M queries x BLOCK_N keys
     "tma 64x128 w8 s3": C(64, 128, 8, 3),
     "tma 64x128 w8 s2": C(64, 128, 8, 2),
     "tma 128x128 w8 s2": C(128, 128, 8, 2),
+    "tma 64x128 w8 s2 pipe": C(64, 128, 8, 2, pipe=True),
+    "tma 64x128 w8 s3 pipe": C(64, 128, 8, 3, pipe=True),
 }
 DQ = {
     "ptr 128x32 w8 s2": C(128, 32, 8, 2, tma=False),
     "tma 128x32 w8 s2": C(128, 32, 8, 2),
     "tma 128x64 w8 s2": C(128, 64, 8, 2),
     "tma 128x128 w8 s2": C(128, 128, 8, 2),
+    "tma 128x64 w8 s2 pipe": C(128, 64, 8, 2, pipe=True),
+    "tma 128x128 w8 s2 pipe": C(128, 128, 8, 2, pipe=True),
 }
 ONEPASS = {  # deterministic=False: the dK/dV kernel also adds dQ (no dQ kernel)
     "reduce 64x128 w8 s2": {**C(64, 128, 8, 2), "ATOMIC_DQ": 2},
