@@ -54,9 +54,20 @@ class LocalServer:
     def start(self, timeout: float = 300.0) -> str:
         """Start the server and wait until /health answers; raises RunError with the log tail if it does not
         (or exits). The wait is long because a first start on a busy machine can take minutes (imports, tables)."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process and return at once (`wait_ready` then waits for it): other start-up work,
+        such as starting Ray, can overlap the server's."""
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (owned by the child for its lifetime)
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> str:
+        """The server's URL once /health answers; RunError with the log tail if it exits or times out first."""
+        if self.proc is None:
+            raise RunError("the local MLflow server was not launched")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -58,23 +58,30 @@ def train(
     import ray
 
     _check_atlas(cfg)  # a missing or wrong atlas is one line here, not a worker traceback after Ray starts
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False, log_to_driver=worker_logs)
-    cfg = _absolute_paths(cfg)
-    use_gpu = _use_gpu(cfg)
-    run_dir = _run_dir(cfg, resume)
-    launch = _read_launch(run_dir)
     server = None
     uri = tracking_uri or cfg.tracking.uri
-    if uri is None:
+    if uri is None:  # the local MLflow server starts while Ray does
         from scfm_platform.tracking import LocalServer
 
         server = LocalServer(cfg.tracking.local_dir, cfg.tracking.local_port)
-        uri = server.start()
-        print_fn(f"MLflow UI: {uri}  (local server: sqlite + artifacts under {server.root})")
+        server.launch()
+    try:
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                ray.init(include_dashboard=False, log_to_driver=worker_logs)
+        cfg = _absolute_paths(cfg)
+        use_gpu = _use_gpu(cfg)
+        run_dir = _run_dir(cfg, resume)
+        launch = _read_launch(run_dir)
+        if server is not None:
+            uri = server.wait_ready()
+            print_fn(f"MLflow UI: {uri}  (local server: sqlite + artifacts under {server.root})")
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     try:
         with _stop_on_signal(run_dir / STOP_FILE, print_fn) as signals:
             result = _fit(cfg, run_dir, launch, uri, use_gpu, resume, progress, print_fn)
