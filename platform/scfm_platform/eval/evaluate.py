@@ -161,17 +161,17 @@ def evaluate_checkpoint(
 
     ckpt = find_checkpoint(checkpoint)
     print_fn(f"checkpoint {ckpt} (step {_checkpoint_step(ckpt)}): loading the model")
-    if not str(data).endswith(".h5ad"):
-        if atlas or use_raw:
-            raise RunError(f"--atlas and --use-raw apply to an .h5ad --data only; {data} is an atlas")
-        model, cfg, source_run = load_model_for_inference(ckpt)
+    is_file = str(data).endswith(".h5ad")
+    if not is_file and (atlas or use_raw):
+        raise RunError(f"--atlas and --use-raw apply to an .h5ad --data only; {data} is an atlas")
+    if is_file and datasets:
+        raise RunError(f"--datasets picks datasets of an atlas; {data} is one file: all its cells are evaluated")
+    model, cfg, source_run = load_model_for_inference(ckpt)
+    if not is_file:
         return _evaluate_atlas(
             model, cfg, ckpt, source_run, str(data), datasets, out_dir, label, tracking_uri, seed, source=None,
             print_fn=print_fn,
         )  # fmt: skip
-    if datasets:
-        raise RunError(f"--datasets picks datasets of an atlas; {data} is one file: all its cells are evaluated")
-    model, cfg, source_run = load_model_for_inference(ckpt)
     reference = _training_atlas(ckpt, cfg, atlas)
     _check_vocab(reference, cfg, model, ckpt)
     out = Path(out_dir)
@@ -280,8 +280,10 @@ def _evaluate_atlas(
 
 def _checkpoint_step(ckpt: Path) -> int:
     """The optimizer step a checkpoint was saved at (its train_state.json), 0 if unknown."""
+    from scfm_platform.inference import STATE_FILE
+
     try:
-        return int(json.loads((Path(ckpt) / "train_state.json").read_text())["step"])
+        return int(json.loads((Path(ckpt) / STATE_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
