@@ -4,6 +4,7 @@ One data-service batch is one micro-batch (batches are token-budgeted, so the mi
 Optimizer: torch AdamW (no decay on biases, norms, LayerScale and embeddings); schedule: linear warm-up to
 `train.lr`, then cosine to `lr · min_lr_ratio` at `train.steps`. DeepSpeed steps the scheduler and saves it.
 Precision: bf16 on GPU, fp32 on CPU (`train.precision=auto`). Clipping: `train.grad_clip` (0: off).
+On CPU, collectives are plain gloo: DeepSpeed's JIT-compiled shared-memory op is not built (`no_shared_memory_comm`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_ste
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if device.type == "cpu":
+        no_shared_memory_comm(deepspeed)
     t = cfg.train
     fused = device.type == "cuda" and not cfg.deepspeed.offload_optimizer  # offloaded state lives on the CPU
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused)
@@ -87,6 +90,16 @@ def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_ste
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, device), dist_init_required=False
     )
     return engine
+
+
+def no_shared_memory_comm(deepspeed) -> None:
+    """Keep DeepSpeed's CPU backend on plain gloo collectives instead of its JIT-compiled shared-memory op.
+
+    That op is compiled on first use under a lock file in the torch extensions folder; a process killed while
+    compiling (Ctrl-C, a preempted or killed worker) leaves the lock behind and every later CPU run on that machine
+    then waits on it forever, silently. The CPU path is for small runs and tests, where gloo is fast enough.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the probed dict is cached: the edit persists
 
 
 def grad_norms(engine, groups: dict[str, list[nn.Parameter]]) -> tuple[float, dict[str, float]]:
