@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from scfm_data_service.errors import DataError
 from scfm_data_service.schema import MASK_ID, PAD_ID
-from scfm_data_service.tokenize import tokenize
+from scfm_data_service.tokenize import token_chunks, tokenize
 
 _OPEN: dict[tuple, object] = {}  # per-process cache of opened arrays (Ray workers are reused across tasks)
 _READS: list[tuple[str, int, int]] | None = None  # set by record_reads
@@ -222,7 +222,8 @@ class ZarrReader:
             import zarr
 
             root = zarr.open_group(self.path, mode="r")
-            _OPEN[key] = (root["offsets"][:], root["tokens"], root["values"])
+            zero_values = root.attrs.get("tokenizer") == "rank"  # rank tokens' values are 0 by definition
+            _OPEN[key] = (root["offsets"][:], root["tokens"], None if zero_values else root["values"])
         return _OPEN[key]
 
     def read(self, unit: Unit) -> pa.Table:
@@ -236,18 +237,27 @@ class ZarrReader:
             a, b = int(offsets[run[0]]), int(offsets[run[-1] + 1])
             _log_read("range", int(run[0]), int(run[-1] - run[0] + 1))
             parts_t.append(tokens[a:b])
-            parts_v.append(values[a:b])
+            if values is not None:
+                parts_v.append(values[a:b])
             starts.append(offsets[run] - a + base)
             base += b - a
-        flat_t = np.concatenate(parts_t) if parts_t else np.zeros(0, np.int32)
-        flat_v = np.concatenate(parts_v) if parts_v else np.zeros(0, np.float32)
+        flat_t = np.concatenate(parts_t) if len(parts_t) > 1 else (parts_t[0] if parts_t else np.zeros(0, np.int32))
+        flat_v = np.concatenate(parts_v) if len(parts_v) > 1 else (parts_v[0] if parts_v else None)
         start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         sel = np.searchsorted(uniq, unit.cells)
         lens = (offsets[uniq + 1] - offsets[uniq])[sel]
         out = np.zeros(len(sel) + 1, dtype=np.int64)
         np.cumsum(lens, out=out[1:])
-        idx = np.repeat(start[sel] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)
-        tok, val = flat_t[idx].astype(np.int32, copy=False), flat_v[idx].astype(np.float32, copy=False)
+        src = start[sel] - out[:-1]  # cell i's tokens: flat[src[i] + out[i] : src[i] + out[i + 1]]
+        tok = np.empty(int(out[-1]), dtype=np.int32)
+        val = np.zeros(int(out[-1]), dtype=np.float32)
+        for a, b in token_chunks(out, len(sel)):  # gather in plan order, a cache-sized piece at a time
+            lo, hi = int(out[a]), int(out[b])
+            idx = np.repeat(src[a:b], lens[a:b])
+            idx += np.arange(lo, hi, dtype=np.int64)
+            np.take(flat_t, idx, out=tok[lo:hi])
+            if flat_v is not None:
+                np.take(flat_v, idx, out=val[lo:hi])
         return _step_table(unit, out, ("tokens", "values"), tok, val)
 
 
@@ -298,9 +308,7 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
     # u < t holds for ~k + 6 sd + 16 of a cell's genes (u is uniform on [0, 2^30)); k = 0: no candidates
     t = np.where(k > 0, np.ceil((k + 6 * np.sqrt(k) + 16) / np.maximum(n_genes, 1) * (1 << _U_BITS)), 0)
     t = np.minimum(t, 1 << _U_BITS).astype(np.uint64)
-    step = 1 << _ROW_BITS
-    for a in range(0, len(lens), step):
-        b = min(a + step, len(lens))
+    for a, b in token_chunks(offsets, 1 << _ROW_BITS):
         lo = int(starts[a])
         cs, ln, kk, tt = starts[a:b] - lo, lens[a:b], k[a:b], t[a:b].copy()
         u, pos = _draws(cell[a:b], cs, ln)

@@ -48,6 +48,20 @@ def _with_cls(indptr, sel_rows, tokens, values, n_cells) -> tuple[np.ndarray, np
     return offsets, out_t, out_v
 
 
+CHUNK_TOKENS = 1 << 16  # per-token work runs over cache-sized pieces (~0.5 MB per uint64 temporary)
+
+
+def token_chunks(offsets: np.ndarray, max_cells: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of the cells of CSR `offsets`, about CHUNK_TOKENS tokens each (≥ 1 cell, ≤ max_cells)."""
+    n, bounds, a = len(offsets) - 1, [], 0
+    while a < n:
+        b = int(np.searchsorted(offsets, offsets[a] + CHUNK_TOKENS, side="right")) - 1
+        b = min(max(b, a + 1), a + max_cells, n)
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
 _PER_CELL_SORT = 32  # mean genes per cell from which sorting each cell on its own beats one packed sort
 
 
@@ -72,13 +86,17 @@ def _rank(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, median: np.
         raise DataError(f"{len(median)} genes are too many for the rank tokenizer's packed sort keys")
     n_cells = len(indptr) - 1
     lens = np.diff(indptr)
+    g_mask = np.uint64((1 << g_bits) - 1)
     if n_cells and int(indptr[-1]) >= _PER_CELL_SORT * n_cells:
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        key = _rank_keys(genes[lo:hi], counts[lo:hi], median, g_bits)
-        bounds = (indptr - lo).tolist()
-        for a, b in itertools.pairwise(bounds):
-            key[a:b].sort()
-        parts = [key]
+        first = int(indptr[0])
+        tok = np.empty(int(indptr[-1]) - first, dtype=np.int32)
+        for a, b in token_chunks(indptr, n_cells):  # keys of a cache-sized piece of cells at a time
+            lo, hi = int(indptr[a]), int(indptr[b])
+            key = _rank_keys(genes[lo:hi], counts[lo:hi], median, g_bits)
+            for x, y in itertools.pairwise((indptr[a : b + 1] - lo).tolist()):
+                key[x:y].sort()
+            key &= g_mask
+            tok[lo - first : hi - first] = key
     else:
         step = 1 << (64 - sh)
         parts = []
@@ -89,8 +107,8 @@ def _rank(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, median: np.
             key += np.repeat(np.arange(b - a, dtype=np.uint64) << np.uint64(sh), lens[a:b])
             key.sort()
             parts.append(key)
-    key = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    tok = (key & np.uint64((1 << g_bits) - 1)).astype(np.int32)
+        key = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        tok = (key & g_mask).astype(np.int32)
     tok += N_SPECIAL
     if len(lens) and lens.max() > keep:  # truncate to the top `keep` genes (rows stay grouped in order)
         within = np.arange(len(tok)) - np.repeat(indptr[:-1], lens)

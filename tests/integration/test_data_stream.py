@@ -3,6 +3,7 @@ the Ray Data pipeline (local Ray) against the in-process engine, and the zarr to
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import numpy as np
@@ -135,7 +136,10 @@ def test_ray_data_pipeline_gives_the_same_batches_as_in_process(demo_atlas, loca
 
 
 @pytest.mark.parametrize("tokenizer", ["rank", "binned"])
-def test_zarr_token_cache_gives_the_same_batches(demo_atlas, tmp_path, tokenizer):  # noqa: F811
+def test_zarr_token_cache_gives_the_same_batches(demo_atlas, tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    tokenize_module = importlib.import_module("scfm_data_service.tokenize")  # the package exports a tokenize()
+
+    monkeypatch.setattr(tokenize_module, "CHUNK_TOKENS", 997)  # gathers and masks run in many pieces
     cfg = small_config(demo_atlas, tokenizer=tokenizer)
     attrs = write_token_cache(cfg, tmp_path / "tokens.zarr")
     assert attrs["n_cells"] == read_meta(demo_atlas)["n_cells"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -112,16 +113,22 @@ def test_rank_tokenizer_per_cell_and_packed_sorts_agree(monkeypatch, mean_genes)
     indptr = np.concatenate([[0], np.cumsum(lens)])
     median = rng.uniform(0.5, 3, n_genes).astype(np.float32)
     got = {}
-    for path, threshold in (("per cell", 0), ("packed", 1 << 40)):
+    for path, threshold, chunk in (("per cell", 0, 1 << 16), ("pieces", 0, 50), ("packed", 1 << 40, 1 << 16)):
         monkeypatch.setattr(tk, "_PER_CELL_SORT", threshold)
+        monkeypatch.setattr(tk, "CHUNK_TOKENS", chunk)  # 50: keys built and sorted a few cells at a time
         got[path] = tokenize(indptr, genes, counts, kind="rank", max_len=2 * mean_genes // 3, gene_median=median)
-    for a, b in zip(got["per cell"], got["packed"], strict=True):
-        assert np.array_equal(a, b)
+    for path in ("per cell", "pieces"):
+        for a, b in zip(got[path], got["packed"], strict=True):
+            assert np.array_equal(a, b)
 
 
-def test_mask_is_the_k_smallest_draws_of_each_cell():
+@pytest.mark.parametrize("chunk_tokens", [1 << 16, 300, 1])  # one piece; many pieces; one cell per piece
+def test_mask_is_the_k_smallest_draws_of_each_cell(monkeypatch, chunk_tokens):
     """flat_mask against its definition, cell by cell: the k gene positions of smallest (u, position)."""
+    tokenize_module = importlib.import_module("scfm_data_service.tokenize")  # the package exports a tokenize()
     from scfm_data_service.datasource import _M1, _M2, _U_BITS, flat_mask
+
+    monkeypatch.setattr(tokenize_module, "CHUNK_TOKENS", chunk_tokens)
     from scfm_data_service.shuffle import splitmix64
 
     rng = np.random.default_rng(0)
