@@ -3,8 +3,8 @@
 Layout (ragged rows = cells, row i = soma_joinid i):
 
     offsets      int64 [N+1]  cell i's tokens are tokens[offsets[i]:offsets[i+1]] (CLS first)
-    tokens       int32 [M]    token ids (chunks of 256 Ki tokens, 32 chunks per shard)
-    values       float32 [M]  token values
+    tokens       int32 [M]    token ids (chunks of 256 Ki tokens, 32 chunks per shard, LZ4 over shuffled bytes)
+    values       float32 [M]  token values (the same layout; all 0 for the rank tokenizer, and not read then)
     soma_joinid  int64 [N]
     attrs        tokenizer, max_len, n_bins, n_genes, n_cells, atlas, format
 
@@ -78,7 +78,9 @@ def write_token_cache(cfg: DataConfig, out: str | Path, *, progress: bool = Fals
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
     root = zarr.open_group(str(out), mode="w", zarr_format=3)
-    kw = {"chunks": (CHUNK,), "shards": (SHARD,)}
+    # LZ4 over byte-shuffled 4-byte values: 3-5x cheaper to decode than zstd at about the same size (0.50 vs 0.43)
+    lz4 = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
+    kw = {"chunks": (CHUNK,), "shards": (SHARD,), "compressors": lz4}
     tokens = root.create_array("tokens", shape=(total,), dtype="int32", **kw)
     values = root.create_array("values", shape=(total,), dtype="float32", **kw)
     root.create_array("offsets", shape=(n + 1,), dtype="int64", chunks=(1 << 20,))[:] = offsets

@@ -5,12 +5,14 @@ a unit yields one Arrow table with one row per step (so Ray Data can only split 
 
     atlas:  step int64, soma_joinid list<int64>, genes list<list<int32>>, counts list<list<float32>>
     tokens: step int64, soma_joinid list<int64>, tokens list<list<int32>>, values list<list<float32>>
+            (values absent for a rank cache: its values are all 0)
 
 `Tokenizer` (called in the read task, after the read) tokenizes a whole unit at once, draws the masks and pads
 every step into its [B, T] arrays, flattened:
 
     batches: step int64, t int64, soma_joinid list<int64>, seq_lens list<int32>, gene_ids list<int32>,
              values list<float32>, mask list<uint8>, target_gene_ids list<int32>, target_values list<float32>
+             (values and target_values absent when all 0, as with the rank tokenizer)
 
 so the consumer only views the buffers and widens the ids to int64. `PlanDatasource` is the Ray Data Datasource
 with one read task per unit.
@@ -100,16 +102,16 @@ def _step_offsets(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return steps[np.append(0, brk)] if len(steps) else steps, np.concatenate([[0], brk, [len(steps)]])
 
 
-def _step_table(unit: Unit, cell_off: np.ndarray, names: tuple[str, str], a: np.ndarray, b: np.ndarray) -> pa.Table:
+def _step_table(
+    unit: Unit, cell_off: np.ndarray, names: tuple[str, str], a: np.ndarray, b: np.ndarray | None
+) -> pa.Table:
+    """Step table of a unit's cells; b=None leaves the second column out (all-zero token values)."""
     steps, s_off = _step_offsets(unit.steps)
-    return pa.table(
-        {
-            "step": pa.array(steps, pa.int64()),
-            "soma_joinid": _list(s_off, unit.cells.astype(np.int64)),
-            names[0]: _nested(s_off, cell_off, a),
-            names[1]: _nested(s_off, cell_off, b),
-        }
-    )
+    cols = {"step": pa.array(steps, pa.int64()), "soma_joinid": _list(s_off, unit.cells.astype(np.int64))}
+    cols[names[0]] = _nested(s_off, cell_off, a)
+    if b is not None:
+        cols[names[1]] = _nested(s_off, cell_off, b)
+    return pa.table(cols)
 
 
 _MAX_RANGE_READS = 8  # a few small runs are read as ranges; more go in one point read (each query costs ~50 ms)
@@ -250,13 +252,13 @@ class ZarrReader:
         np.cumsum(lens, out=out[1:])
         src = start[sel] - out[:-1]  # cell i's tokens: flat[src[i] + out[i] : src[i] + out[i + 1]]
         tok = np.empty(int(out[-1]), dtype=np.int32)
-        val = np.zeros(int(out[-1]), dtype=np.float32)
+        val = None if flat_v is None else np.empty(int(out[-1]), dtype=np.float32)
         for a, b in token_chunks(out, len(sel)):  # gather in plan order, a cache-sized piece at a time
             lo, hi = int(out[a]), int(out[b])
             idx = np.repeat(src[a:b], lens[a:b])
             idx += np.arange(lo, hi, dtype=np.int64)
             np.take(flat_t, idx, out=tok[lo:hi])
-            if flat_v is not None:
+            if val is not None:
                 np.take(flat_v, idx, out=val[lo:hi])
         return _step_table(unit, out, ("tokens", "values"), tok, val)
 
@@ -339,7 +341,8 @@ def pad_steps(
     """Pad ragged cells into one flat [B_s, T_s] array per step s (T_s = its longest cell), all steps concatenated.
 
     Returns (t int64 [S], flat offsets int64 [S+1], arrays): gene_ids (MASK_ID where masked), values (0 where masked),
-    mask uint8, target_gene_ids, target_values."""
+    mask uint8, target_gene_ids, target_values; values and target_values are left out when every value is 0 (the
+    rank tokenizer), which the consumer reads as zeros."""
     lens = np.diff(c_off)
     n_steps = len(s_off) - 1
     step_of = np.repeat(np.arange(n_steps), np.diff(s_off))
@@ -359,9 +362,9 @@ def pad_steps(
     out["target_gene_ids"][dest] = tok
     out["gene_ids"] = out["target_gene_ids"].copy()
     out["gene_ids"][out["mask"].view(np.bool_)] = MASK_ID
-    out["target_values"] = np.zeros(total, dtype=np.float32)
-    out["values"] = np.zeros(total, dtype=np.float32)
-    if val.any():  # the rank tokenizer's values are all 0
+    if val.any():  # the rank tokenizer's values are all 0: no value arrays
+        out["target_values"] = np.zeros(total, dtype=np.float32)
+        out["values"] = np.zeros(total, dtype=np.float32)
         out["target_values"][dest] = val
         out["values"][dest] = np.where(m, np.float32(0), val)
     return t, f_off, out
@@ -381,7 +384,8 @@ class Tokenizer:
         """(step offsets into cells, cell offsets into tokens, tokens int32, values float32) of a step table."""
         if "tokens" in tbl.column_names:
             s_off, off, tok = _csr2(tbl["tokens"])
-            _, _, val = _csr2(tbl["values"])
+            has_values = "values" in tbl.column_names  # absent: a rank cache, all values 0
+            val = _csr2(tbl["values"])[2] if has_values else np.zeros(len(tok), dtype=np.float32)
             return s_off, off, tok, val
         s_off, indptr, genes = _csr2(tbl["genes"])
         _, _, counts = _csr2(tbl["counts"])
@@ -407,7 +411,7 @@ class Tokenizer:
             "soma_joinid": _list(j_off, joinids.astype(np.int64)),
             "seq_lens": _list(s_off, np.diff(off).astype(np.int32)),
         }
-        cols.update({k: _list(f_off, arrays[k]) for k in PADDED})
+        cols.update({k: _list(f_off, arrays[k]) for k in PADDED if k in arrays})
         return pa.table(cols)
 
 

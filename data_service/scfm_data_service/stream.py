@@ -169,21 +169,24 @@ def step_batches(tbl: pa.Table) -> Iterator[tuple[int, dict[str, torch.Tensor]]]
     t = tbl["t"].to_numpy()
     j_off, joinids = _csr(tbl["soma_joinid"])
     _, lens = _csr(tbl["seq_lens"])
-    flat = {k: _csr(tbl[k]) for k in PADDED}
+    flat = {k: _csr(tbl[k]) for k in PADDED if k in tbl.column_names}
     for i, step in enumerate(steps.tolist()):
         a, b = int(j_off[i]), int(j_off[i + 1])
         shape = (b - a, int(t[i]))
         arr = {k: v[int(off[i]) : int(off[i + 1])].reshape(shape) for k, (off, v) in flat.items()}
+        values = [
+            torch.from_numpy(arr[k].copy()) if k in arr else torch.zeros(shape) for k in ("values", "target_values")
+        ]
         yield (
             step,
             {
                 S.GENE_IDS: torch.from_numpy(arr["gene_ids"].astype(np.int64)),
-                S.VALUES: torch.from_numpy(arr["values"].copy()),
+                S.VALUES: values[0],
                 S.SEQ_LENS: torch.from_numpy(lens[a:b].astype(np.int32)),
                 S.SOMA_JOINID: torch.from_numpy(joinids[a:b].astype(np.int64)),
                 S.MASK: torch.from_numpy(arr["mask"].view(np.bool_).copy()),
                 S.TARGET_GENE_IDS: torch.from_numpy(arr["target_gene_ids"].astype(np.int64)),
-                S.TARGET_VALUES: torch.from_numpy(arr["target_values"].copy()),
+                S.TARGET_VALUES: values[1],
             },
         )
 
