@@ -1,6 +1,7 @@
 """Benchmark: the scfm stream vs tiledbsoma-ml's ExperimentDataset on the same synthetic atlas, same run.
 
     python -m scfm_data_service.bench [--atlas DIR] [--cells 200000] [--batch-size 64] [--measure-cells 131072]
+                                      [--tokens TOKENS.zarr] [--read-workers N]
 
 Both read the same atlas with shuffling on and the same cells per batch: the scfm stream (Ray Data pipeline,
 engine=ray, rank 0 of 1) with max_cells_per_batch = batch size and a token budget that never binds, tiledbsoma-ml
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="cells per batch for both loaders")
     p.add_argument("--measure-cells", type=int, default=131_072, help="cells timed per loader (2 tiledbsoma-ml reads)")
     p.add_argument("--tokens", default=None, help="zarr token cache (built here if absent); default ATLAS.tokens.zarr")
+    p.add_argument("--read-workers", type=int, default=None, help="data.read_workers of the scfm stream (default 2)")
     args = p.parse_args(argv)
 
     from scfm_data_service.atlas import atlas_info
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_batch=args.batch_size * max_len,
         engine="ray",
     )
+    if args.read_workers is not None:
+        cfg = replace(cfg, read_workers=args.read_workers)
     tokens = args.tokens or f"{args.atlas.rstrip('/')}.tokens.zarr"
     if not Path(tokens).exists():
         t = time.perf_counter()
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"atlas: {info['cells']:,} cells, {info['genes']:,} genes, {info['nnz'] / info['cells']:,.0f} genes/cell; "
         f"{os.cpu_count()} CPUs, load average {load0[0]:.1f} before / {load1[0]:.1f} after; batch size {bs} cells; "
-        f"shuffle on; {m:,} cells timed per loader after its first batch\n"
+        f"shuffle on; scfm read_workers {cfg.read_workers}; {m:,} cells timed per loader after its first batch\n"
     )
     print(
         "| loader | delivers | first batch (s) | cells/s | tokens/s | cells/s incl. start | vs tiledbsoma-ml |\n"
