@@ -302,6 +302,8 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
         return out
     if lens.max() > 1 << _POS_BITS:
         raise DataError(f"cells of {lens.max()} tokens exceed the mask's {1 << _POS_BITS}-position limit")
+    if lens.min() < 1:
+        raise DataError("flat_mask: every cell holds at least its CLS token (an offset step of 0 was given)")
     starts = offsets[:-1] - offsets[0]
     key = splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ splitmix64(np.uint64(epoch & 0xFFFFFFFF)))
     cell = splitmix64(np.asarray(joinids, dtype=np.int64).view(np.uint64) ^ key)
@@ -315,20 +317,20 @@ def flat_mask(offsets: np.ndarray, joinids: np.ndarray, *, ratio: float, seed: i
         cs, ln, kk, tt = starts[a:b] - lo, lens[a:b], k[a:b], t[a:b].copy()
         u, pos = _draws(cell[a:b], cs, ln)
         for _ in range(2):  # the second pass only for cells with fewer than k candidates
-            cand = np.flatnonzero(u < np.repeat(tt, ln))
-            cid = np.searchsorted(cs, cand, side="right") - 1
-            n_cand = np.bincount(cid, minlength=b - a)
+            below = u < np.repeat(tt, ln)
+            n_cand = np.add.reduceat(below.view(np.uint8), cs, dtype=np.int64)  # every cell has its CLS: ln ≥ 1
             short = n_cand < kk
             if not short.any():
                 break
             tt[short] = np.uint64(1 << _U_BITS)  # every gene (u < 2^30 - 1 < 2^30; CLS = 2^30 - 1 stays out)
+        cand = np.flatnonzero(below)
+        cid = np.repeat(np.arange(b - a, dtype=np.int64), n_cand)
         ck = cid.astype(np.uint64) << np.uint64(_U_BITS + _POS_BITS)
         ck |= u[cand] << np.uint64(_POS_BITS)
         ck |= pos[cand]
         ck.sort()
         first = np.cumsum(n_cand) - n_cand
-        c_sorted = (ck >> np.uint64(_U_BITS + _POS_BITS)).astype(np.int64)
-        take = ck[np.arange(len(ck)) - first[c_sorted] < kk[c_sorted]]
+        take = ck[np.arange(len(ck)) - first[cid] < kk[cid]]  # sorted keys stay grouped by cell, in cid's order
         c_take = (take >> np.uint64(_U_BITS + _POS_BITS)).astype(np.int64)
         p_take = (take & np.uint64((1 << _POS_BITS) - 1)).astype(np.int64)
         out[lo + cs[c_take] + p_take] = 1

@@ -151,3 +151,5 @@ def test_mask_is_the_k_smallest_draws_of_each_cell(monkeypatch, chunk_tokens):
             want = np.zeros(b - a, dtype=np.uint8)
             want[1 + order[:k]] = 1
             assert np.array_equal(got[a:b], want), (ratio, i)
+    with pytest.raises(DataError, match="CLS"):  # a cell of no tokens cannot come from a tokenizer
+        flat_mask(np.array([0, 3, 3, 5]), np.arange(3), ratio=0.5, seed=0, epoch=0)
