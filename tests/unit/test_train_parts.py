@@ -137,3 +137,35 @@ def test_launch_run_module_imports_nothing_heavy():
     code = f"import sys, scfm_launch.commands.run; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_silent_workers_get_one_warning_per_silence():
+    """The driver's report loop warns once when no report has come for train.stall_warn_s, again after the next
+    silence, never while reports flow; stall_warn_s=0 never warns."""
+    import queue
+    import threading
+
+    from scfm_platform.trainer import _progress, _stall_warning
+
+    def run(after_s: float) -> tuple[list[str], list[dict]]:
+        feed: queue.Queue = queue.Queue()
+
+        def worker() -> None:  # silent 1.6 s, one report, silent 1.6 s, done
+            time.sleep(1.6)
+            feed.put({"step": 1, "loss": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "total_steps": 2})
+            time.sleep(1.6)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        lines: list[str] = []
+        history: list[dict] = []
+        _progress(feed, thread, history, 2, False, _stall_warning(after_s, lines.append))
+        thread.join()
+        return lines, history
+
+    lines, history = run(0.6)
+    assert [m["step"] for m in history] == [1]
+    assert len(lines) == 2 and all("train.stall_warn_s=0.6" in x and "ray stack" in x for x in lines)
+    assert run(0.0)[0] == []
+    with pytest.raises(ConfigError, match="stall_warn_s"):
+        _cfg("train.stall_warn_s=-1")
