@@ -163,7 +163,7 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    _progress(feed, thread, history, cfg.train.steps, progress, _stall_warning(cfg.train.stall_warn_s, print_fn))
+    _progress(feed, thread, history, cfg.train.steps, progress, cfg.train.stall_warn_s, print_fn)
     thread.join()
     error = outcome.get("error")
     final = history[-1] if history else {}
@@ -182,28 +182,11 @@ def _fit(cfg, run_dir: Path, launch: dict, uri: str, use_gpu: bool, resume: bool
     return TrainResult(run_dir, ckpt, uri, run_id, run_name, dict(result.metrics or final), history, stop_reason)
 
 
-def _stall_warning(after_s: float, print_fn):
-    """A callback for `_progress`: given the seconds since the last report (or the start), it prints one warning
-    per silence longer than `after_s` (0: never), naming where to look."""
-    warned = [False]
-
-    def check(silent_s: float | None) -> None:
-        if silent_s is None:  # a report came: the next silence warns again
-            warned[0] = False
-        elif after_s and silent_s > after_s and not warned[0]:
-            warned[0] = True
-            print_fn(
-                f"warning: no training report for {silent_s:.0f} s (train.stall_warn_s={after_s:g}): workers may "
-                "still be starting, steps may be very slow, or a worker is stuck; `ray stack` on the head node (or "
-                "`py-spy dump --pid PID` of a RayTrainWorker) shows where each one is"
-            )
-
-    return check
-
-
-def _progress(feed, thread: threading.Thread, history: list, total: int, show: bool, stall=None) -> None:
-    """Drain worker reports into `history` and a rich progress bar until the fit thread ends; `stall` (see
-    `_stall_warning`) is told the seconds of silence while no report comes, and None when one does."""
+def _progress(
+    feed, thread: threading.Thread, history: list, total: int, show: bool, stall_warn_s: float = 0.0, print_fn=print
+) -> None:
+    """Drain worker reports into `history` and a rich progress bar until the fit thread ends; print one warning per
+    silence (no report) longer than `stall_warn_s` seconds (0: never), naming where to look."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -217,7 +200,7 @@ def _progress(feed, thread: threading.Thread, history: list, total: int, show: b
     bar = Progress(*cols, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not show)
     with bar:
         task = bar.add_task("train", total=total or None, info="starting workers…")
-        last = time.monotonic()
+        last, warned = time.monotonic(), False
         while True:
             alive = thread.is_alive()
             try:
@@ -225,12 +208,16 @@ def _progress(feed, thread: threading.Thread, history: list, total: int, show: b
             except queue.Empty:
                 if not alive:
                     break
-                if stall is not None:
-                    stall(time.monotonic() - last)
+                silent = time.monotonic() - last
+                if stall_warn_s and silent > stall_warn_s and not warned:
+                    warned = True
+                    print_fn(
+                        f"warning: no training report for {silent:.0f} s (train.stall_warn_s={stall_warn_s:g}): "
+                        "workers may still be starting, steps may be very slow, or a worker is stuck; `ray stack` "
+                        "on the head node (or `py-spy dump --pid PID` of a RayTrainWorker) shows where each one is"
+                    )
                 continue
-            last = time.monotonic()
-            if stall is not None:
-                stall(None)
+            last, warned = time.monotonic(), False  # the next silence warns again
             history.append(m)
             if "stop_reason" in m:
                 bar.update(task, info=f"[red]stopped: {m['stop_reason']}")

@@ -145,7 +145,7 @@ def test_silent_workers_get_one_warning_per_silence():
     import queue
     import threading
 
-    from scfm_platform.trainer import _progress, _stall_warning
+    from scfm_platform.trainer import _progress
 
     def run(after_s: float) -> tuple[list[str], list[dict]]:
         feed: queue.Queue = queue.Queue()
@@ -159,7 +159,7 @@ def test_silent_workers_get_one_warning_per_silence():
         thread.start()
         lines: list[str] = []
         history: list[dict] = []
-        _progress(feed, thread, history, 2, False, _stall_warning(after_s, lines.append))
+        _progress(feed, thread, history, 2, False, after_s, lines.append)
         thread.join()
         return lines, history
 
