@@ -25,37 +25,37 @@ from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
     """One (query block, key block) pair's dK (unscaled) and dV contributions, from loaded tiles; also dSᵀ
     in the input dtype [BLOCK_N, BLOCK_M] for the one-pass backward's dQ product."""
     sT = mma(k, tl.trans(q), None, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    return _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+    return _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
 
 
 @triton.jit
-def _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+def _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
     """The rest of a pair once Sᵀ = K Qᵀ and dPᵀ = V dOᵀ [BLOCK_N, BLOCK_M] are computed: weights, dV and dK."""
-    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
-    dsT = (pT * (1.0 - pT) * dpT).to(q.dtype)
+    dsT = ((pT - pT * pT) * dpT).to(q.dtype)
     dk = mma(dsT, q, dk, DOT_MODE)
     return dk, dv, dsT
 
 
 @triton.jit
-def _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+def _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
     """One (query block, key block) pair's dQ contribution (unscaled), from loaded tiles."""
     s = mma(q, tl.trans(k), None, DOT_MODE)
     dp = mma(do, tl.trans(v), None, DOT_MODE)
-    return _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE)
+    return _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
 
 
 @triton.jit
-def _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr):
+def _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
     """The rest of a pair once S = Q Kᵀ and dP = dO Vᵀ [BLOCK_M, BLOCK_N] are computed: weights and dQ."""
-    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
-    ds = p * (1.0 - p) * dp
+    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
+    ds = (p - p * p) * dp
     return mma(ds.to(k.dtype), k, dq, DOT_MODE)
 
 
@@ -63,6 +63,7 @@ def _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr)
 def _dkdv_block(
     dk, dv, k, v, q_ptrs, do_ptrs, start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr, MASKED: tl.constexpr,
+    SIG: tl.constexpr = 1,
 ):  # fmt: skip
     """One query block's contribution to a key block's dK (unscaled) and dV; MASKED for the last block."""
     row_ok = (start_m + offs_m) < n_rows
@@ -76,12 +77,12 @@ def _dkdv_block(
         q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
     sT = mma(k, tl.trans(q), None, DOT_MODE)
-    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
     if MASKED:
         pT = tl.where(row_ok[None, :], pT, 0.0)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    dsT = pT * (1.0 - pT) * dpT
+    dsT = (pT - pT * pT) * dpT
     dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
     return dk, dv
 
@@ -90,6 +91,7 @@ def _dkdv_block(
 def _dq_block(
     dq, q, do, k_ptrs, v_ptrs, start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr, MASKED: tl.constexpr,
+    SIG: tl.constexpr = 1,
 ):  # fmt: skip
     """One key block's contribution to a query block's dQ (unscaled); MASKED for the last block."""
     col_ok = (start_n + offs_n) < n_keys
@@ -104,10 +106,10 @@ def _dq_block(
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     s = mma(q, tl.trans(k), None, DOT_MODE)
     dp = mma(do, tl.trans(v), None, DOT_MODE)
-    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1)
+    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
     if MASKED:
         p = tl.where(col_ok[None, :], p, 0.0)
-    ds = p * (1.0 - p) * dp
+    ds = (p - p * p) * dp
     return mma(ds.to(k.dtype), k, dq, DOT_MODE)
 
 
@@ -126,7 +128,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, PIPE: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = 0, PIPE: tl.constexpr = False, SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -185,14 +187,14 @@ def _dkdv_kernel(
                         do_next = do_desc.load([start_m, 0])
                         sT_next = mma(k, tl.trans(q_next), None, DOT_MODE)
                         dpT_next = mma(v, tl.trans(do_next), None, DOT_MODE)
-                        dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+                        dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
                         q, do, sT, dpT = q_next, do_next, sT_next, dpT_next
-                    dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+                    dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
             else:
                 for start_m in range(0, n_rows, BLOCK_M):
                     q = q_desc.load([start_m, 0])
                     do = do_desc.load([start_m, 0])
-                    dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE)
+                    dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
                     if ATOMIC_DQ != 0:
                         # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
                         # is added into a float32 accumulator; the order of the additions varies run to run.
@@ -213,13 +215,13 @@ def _dkdv_kernel(
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_ptrs + start_m * stride_qt, do_ptrs + start_m * stride_dot,
                     start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
-                    HEAD_DIM, BLOCK_D, DOT_MODE, False,
+                    HEAD_DIM, BLOCK_D, DOT_MODE, False, SIG,
                 )  # fmt: skip
             if n_full < n_rows:
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_ptrs + n_full * stride_qt, do_ptrs + n_full * stride_dot,
                     n_full, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
-                    HEAD_DIM, BLOCK_D, DOT_MODE, True,
+                    HEAD_DIM, BLOCK_D, DOT_MODE, True, SIG,
                 )  # fmt: skip
 
     dk = tl.where(key_ok[:, None], dk * scale, 0.0)
@@ -245,7 +247,7 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    PIPE: tl.constexpr = False,
+    PIPE: tl.constexpr = False, SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -291,14 +293,14 @@ def _dq_kernel(
                     v_next = v_desc.load([start_n, 0])
                     s_next = mma(q, tl.trans(k_next), None, DOT_MODE)
                     dp_next = mma(do, tl.trans(v_next), None, DOT_MODE)
-                    dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE)
+                    dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
                     k, s, dp = k_next, s_next, dp_next
-                dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE)
+                dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
         else:
             for start_n in range(0, n_keys, BLOCK_N):
                 k = k_desc.load([start_n, 0])
                 v = v_desc.load([start_n, 0])
-                dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE)
+                dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
     else:
         k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
         k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -309,13 +311,13 @@ def _dq_kernel(
             dq = _dq_block(
                 dq, q, do, k_ptrs + start_n * stride_kt, v_ptrs + start_n * stride_vt,
                 start_n, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
-                HEAD_DIM, BLOCK_D, DOT_MODE, False,
+                HEAD_DIM, BLOCK_D, DOT_MODE, False, SIG,
             )  # fmt: skip
         if n_full < n_keys:
             dq = _dq_block(
                 dq, q, do, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
                 n_full, n_keys, offs_n, mask_d, neg_scale_log2e, bias_log2,
-                HEAD_DIM, BLOCK_D, DOT_MODE, True,
+                HEAD_DIM, BLOCK_D, DOT_MODE, True, SIG,
             )  # fmt: skip
 
     dq = tl.where(row_ok[:, None], dq * scale, 0.0)
@@ -326,21 +328,24 @@ def _dq_kernel(
 
 
 def _dkdv_configs() -> list[triton.Config]:
-    # The software-pipelined loops (PIPE, both backward kernels) run through fixed launches only
-    # (tests/gpu/sweep_kernels.py) until the H200 says whether they win.
+    # Run 11 (H200, D=128, L=8K, with the ftz/third-order sigmoid): 64x128 w8 s3 414 TFLOPS (whole backward),
+    # s2 388; the software-pipelined query loop (PIPE) spills registers at 64x128 (50 and 108 spills: 269 / 169)
+    # and 128x128 spills too (286): neither is in the list.
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
 
 
 def _dq_configs() -> list[triton.Config]:
+    # Run 11: 128x64 w8 s3 435, s2 408, PIPE 380, 128x32 355; the bench's autotuner took 128x128 w8 s2 at D=128.
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ]
 

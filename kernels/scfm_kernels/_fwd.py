@@ -9,13 +9,14 @@ sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1]); rows of other sequences
 Key blocks past a sequence's end are never loaded: the key loop stops at the last block that holds a valid
 key, and only that block is masked.
 
-The sigmoid is p = 1 / (1 + 2^(−(s·scale + b)·log2 e)): one ex2 on the special-function unit and a
-reciprocal on the FMA pipe (`sigmoid_from_log2`), so each score costs one special-function op, as in softmax.
-Measured on the H200 (docs/benchmarks.md): relative error ≤ 7.2e-6 for any logit, forward 470 TFLOPS at
-D=128, L=8K, against 425 with the hardware reciprocal (two special-function ops) and 504 with the tanh form
-0.5·tanh(x/2) + 0.5 on the hardware tanh approximation (FAST_SIGMOID). The tanh form is not used: at the
-logits a −log(n) bias produces (x ≈ −9 for n = 8K, sigmoid(x) ≈ 1e-4) it subtracts two numbers near 1, and
-its relative error per weight reached 0.25 (σ = 1) and 1.0 (σ = 3) at n = 16K, median 3e-3.
+The sigmoid is p = 1 / (1 + 2^(−(s·scale + b)·log2 e)): one flush-to-zero ex2 on the special-function unit and
+a reciprocal on the FMA pipe (bit-trick seed + one third-order step, `sigmoid_from_log2`), so each score costs one
+special-function op, as in softmax. Measured on the H200 (docs/benchmarks.md, runs 3 and 11): relative error
+≤ 1.3e-4 per weight for any logit (attention output error against float64 unchanged at 2.3e-3 in bf16), forward
+529 TFLOPS at D=128, L=8K (fixed launch), against 501 with the non-ftz ex2 and two Newton steps and 425 (run 3)
+with the hardware reciprocal (two special-function ops). The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured
+only) is not used: at the logits a −log(n) bias produces (x ≈ −9 for n = 8K, sigmoid(x) ≈ 1e-4) it subtracts two
+numbers near 1, and its relative error per weight reached 0.25 (σ = 1) and 1.0 (σ = 3) at n = 16K, median 3e-3.
 """
 
 from __future__ import annotations
@@ -29,13 +30,37 @@ from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_out
 LOG2E = 1.4426950408889634
 
 
+# Under the CPU interpreter inline PTX cannot run: tl.exp2 stands in for the flush-to-zero ex2 instruction.
+_PTX = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
-def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = False):
+def exp2_ftz(z):
+    """2^z with the special-function unit's ex2 in flush-to-zero mode: one MUFU op. Plain tl.exp2 on float32
+    lowers to the non-ftz ex2, which ptxas wraps in a range test and two predicated multiplies (subnormal
+    results); those cost three FMA-pipe issues per score, and a sigmoid weight under 2^-126 is 0 either way."""
+    if _PTX:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        e = tl.exp2(z)
+    return e
+
+
+@triton.jit
+def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     """sigmoid(x) given z = −x·log2 e.
 
-    Default: p = 1 / (1 + 2^z) with one ex2 and a reciprocal on the FMA pipe (bit-trick seed, two Newton
-    steps; measured relative error ≤ 7.2e-6 on the H200, uniform over x, see docs/benchmarks.md).
-    EXACT_DIV (float32 inputs): IEEE-rounded division. FAST_SIGMOID: 0.5·tanh(x/2) + 0.5 (measured only).
+    Default (SIG=1): p = 1 / d, d = 1 + 2^z, from one flush-to-zero ex2 (`exp2_ftz`) and a reciprocal on the
+    FMA pipe: bit-trick seed y₀ = magic − bits(d) (relative error t ≤ 0.051), then one third-order step
+    y = y₀(1 + t + t²) in three FMAs (relative error t³ ≤ 1.3e-4: under half an fp16 ulp, a thirtieth of a
+    bf16 ulp; every weight is rounded to 16 bits for the next product anyway). z is clamped at 120 so that a
+    huge z gives p ≈ 1e-36, not NaN. Per score: one special-function op and six FMA-pipe issues. Measured on
+    the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz ex2 (ptxas
+    wraps it in a range test and two predicated multiplies) with two Newton steps (relative error ≤ 7.2e-6);
+    SIG=2, the clamp on d's integer bits instead (one FMA-pipe issue fewer), measured 5% slower than SIG=1.
+    The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured only) is not used: at the logits a −log(n) bias
+    gives (x ≈ −9 at n = 8K) it subtracts two numbers near 1 (relative error per weight up to 0.25–1.0).
+    EXACT_DIV (float32 inputs): IEEE-rounded division.
     """
     if FAST_SIGMOID:
         t = tl.inline_asm_elementwise(
@@ -44,6 +69,17 @@ def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = F
         p = 0.5 * t + 0.5
     elif EXACT_DIV:
         p = tl.math.div_rn(1.0, 1.0 + tl.exp2(z))
+    elif SIG == 2:
+        d_bits = tl.minimum((1.0 + exp2_ftz(z)).to(tl.int32, bitcast=True), 0x7E800000)
+        d = d_bits.to(tl.float32, bitcast=True)
+        y = (0x7EF311C3 - d_bits).to(tl.float32, bitcast=True)
+        t = 1.0 - d * y
+        p = y + y * (t + t * t)
+    elif SIG == 1:
+        d = 1.0 + exp2_ftz(tl.minimum(z, 120.0))
+        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        t = 1.0 - d * y
+        p = y + y * (t + t * t)
     else:
         d = 1.0 + tl.exp2(tl.minimum(z, 120.0))
         y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
@@ -90,6 +126,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
     USE_TMA: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr = False, LEN_BUCKET: tl.constexpr = 0,
+    SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -133,18 +170,18 @@ def _fwd_kernel(
                 for start_n in tl.range(BLOCK_N, n_keys, BLOCK_N):
                     v = v_desc.load([start_n - BLOCK_N, 0])
                     s_next = mma(q, tl.trans(k_desc.load([start_n, 0])), None, DOT_MODE)
-                    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
                     acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
                     s = s_next
                 v = v_desc.load([((n_keys - 1) // BLOCK_N) * BLOCK_N, 0])
-                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
                 acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
         else:
             for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
                 k = k_desc.load([start_n, 0])
                 v = v_desc.load([start_n, 0])
                 s = mma(q, tl.trans(k), None, DOT_MODE)
-                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
                 acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
     else:
         k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
@@ -160,14 +197,14 @@ def _fwd_kernel(
                 k = tl.load(k_ptrs + start_n * stride_kt, mask=mask_d[None, :], other=0.0)
                 v = tl.load(v_ptrs + start_n * stride_vt, mask=mask_d[None, :], other=0.0)
             s = mma(q, tl.trans(k), None, DOT_MODE)
-            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
             acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
         if n_full < n_keys:
             col_ok = (n_full + offs_n) < n_keys
             k = tl.load(k_ptrs + n_full * stride_kt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
             v = tl.load(v_ptrs + n_full * stride_vt, mask=col_ok[:, None] & mask_d[None, :], other=0.0)
             s = mma(q, tl.trans(k), None, DOT_MODE)
-            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
             p = tl.where(col_ok[None, :], p, 0.0)
             acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
 
@@ -181,14 +218,14 @@ def _fwd_kernel(
 def _fwd_configs() -> list[triton.Config]:
     # Sweep of 2026-11-29 (tests/gpu/sweep_kernels.py, H200, D=128, L=8K dense / 4K p=0.5, TFLOPS):
     # descriptors 128x128 w8 s3 502 / 417, + warp specialization 500 / 440, 128x64 w4 s3 483 / 426,
-    # pointer loads 128x128 w8 s3 472 / 408, descriptors 128x128 w8 s2 444 / 366. The bench's autotuner
-    # picked the warp-specialized one at D=128 and 128x64 w4 s3 at D=64 (docs/benchmarks.md, run 6).
-    # Run 8: the software-pipelined loop (PIPE) 128x128 w8 s2 won at D=128 for 4K/8K/16K (16K dense
-    # 491 -> 519); PIPE with 3 stages failed the GPU test (not kept).
+    # pointer loads 128x128 w8 s3 472 / 408, descriptors 128x128 w8 s2 444 / 366. Run 8: the software-pipelined
+    # loop (PIPE) 128x128 w8 s2 won (16K dense 491 -> 519). Run 11 (2026-12-01), with the ftz/third-order
+    # sigmoid: 128x128 w8 s3 529 / 463, + warp specialization 526 / 458, PIPE 128x128 s2 474 / 382 (it lost
+    # its lead: out of the list), PIPE 128x64 w8 s3 520 / 458.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": True}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False, "PIPE": True}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False, "PIPE": True}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=2),
     ]

@@ -10,59 +10,103 @@ sweep to one part."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import traceback
 
 import torch
 from triton.testing import do_bench
 
 import scfm_kernels as sk
-from scfm_kernels import _common
+from scfm_kernels import _bwd, _common, _fwd
 from scfm_kernels._bwd import attention_backward
 from scfm_kernels._fwd import attention_forward
 
+# Every compiled kernel a launch returns, so each variant's machine code can be counted (`_sass_counts`).
+LAUNCHED: list[object] = []
+SASS_DUMPED: list[int] = []
 
-def C(bm, bn, w, s, tma=True, ws=False, pipe=False):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, PIPE=pipe)
+
+def _capture(jit_fn) -> None:
+    run = jit_fn.run
+
+    def capturing_run(*args, **kwargs):
+        kernel = run(*args, **kwargs)
+        LAUNCHED.append(kernel)
+        return kernel
+
+    jit_fn.run = capturing_run
 
 
+for _fn in (_fwd._fwd_kernel, _bwd._dkdv_kernel, _bwd._dq_kernel):
+    _capture(_fn)
+
+_SASS_OP = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[\s.]")
+
+
+def _sass_counts(kernel) -> dict[str, int]:
+    """Instruction mnemonics of one compiled kernel's SASS (whole kernel, prologue and epilogue included), with
+    registers and spills: how many FMA-pipe and special-function issues a variant spends."""
+    try:
+        sass = kernel.asm["sass"]
+    except Exception as exc:  # no disassembler: PTX mnemonics instead
+        ptx = kernel.asm.get("ptx", "")
+        c = collections.Counter(m.group(1) for m in re.finditer(r"^\s+([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", ptx, re.M))
+        return {"_error": str(exc)[:80], **{k: v for k, v in c.most_common(25)}}
+    if not SASS_DUMPED:  # one kernel's whole SASS for reading at leisure
+        SASS_DUMPED.append(1)
+        with open(os.path.join(os.environ.get("OUT", "."), "sass_first.txt"), "w") as f:
+            f.write(sass)
+    ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _SASS_OP.search(line)))
+    keep = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "MUFU", "IADD3", "IMAD", "F2FP", "HGMMA", "WARPGROUP")
+    out = {k: ops.get(k, 0) for k in keep}
+    out["total"] = sum(ops.values())
+    meta = getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None)
+    out["regs"], out["spills"] = (int(x) if x is not None else -1 for x in meta)
+    return out
+
+
+def C(bm, bn, w, s, tma=True, ws=False, pipe=False, sig=2):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, PIPE=pipe, SIG=sig)
+
+
+# SIG: the weights' sigmoid (_fwd.sigmoid_from_log2): 2 flush-to-zero ex2, clamp on the integer pipe, one
+# third-order reciprocal step (the default); 1 the same with the clamp on the FMA pipe; 0 the run-10 kernels'
+# non-ftz ex2 + two Newton steps. Run 11 (2026-12-01) timed SIG 0/1 over a wider list; this is the second round.
 FWD = {
-    "ptr 128x128 w8 s3": C(128, 128, 8, 3, tma=False),
+    "tma 128x128 w8 s3 sig1": C(128, 128, 8, 3, sig=1),
     "tma 128x128 w8 s3": C(128, 128, 8, 3),
-    "tma 128x128 w8 s2": C(128, 128, 8, 2),
-    "tma 128x64 w4 s3": C(128, 64, 4, 3),
+    "tma 128x128 w8 s3 ws sig1": C(128, 128, 8, 3, ws=True, sig=1),
     "tma 128x128 w8 s3 ws": C(128, 128, 8, 3, ws=True),
-    "tma 128x128 w8 s3 pipe": C(128, 128, 8, 3, pipe=True),
     "tma 128x128 w8 s2 pipe": C(128, 128, 8, 2, pipe=True),
     "tma 128x64 w8 s3 pipe": C(128, 64, 8, 3, pipe=True),
-    "tma 128x64 w4 s3 pipe": C(128, 64, 4, 3, pipe=True),
+    "tma 128x64 w8 s3": C(128, 64, 8, 3),
+    "tma 128x64 w8 s4": C(128, 64, 8, 4),
 }
 DKDV = {  # BLOCK_M queries x BLOCK_N keys
-    "ptr 64x128 w8 s3": C(64, 128, 8, 3, tma=False),
+    "tma 64x128 w8 s3 sig1": C(64, 128, 8, 3, sig=1),
     "tma 64x128 w8 s3": C(64, 128, 8, 3),
-    "tma 64x128 w8 s2": C(64, 128, 8, 2),
-    "tma 128x128 w8 s2": C(128, 128, 8, 2),
-    "tma 64x128 w8 s2 pipe": C(64, 128, 8, 2, pipe=True),
-    "tma 64x128 w8 s3 pipe": C(64, 128, 8, 3, pipe=True),
+    "tma 64x128 w8 s4": C(64, 128, 8, 4),
+    "tma 64x64 w4 s2": C(64, 64, 4, 2),
+    "tma 64x64 w4 s3": C(64, 64, 4, 3),
 }
 DQ = {
-    "ptr 128x32 w8 s2": C(128, 32, 8, 2, tma=False),
-    "tma 128x32 w8 s2": C(128, 32, 8, 2),
-    "tma 128x64 w8 s2": C(128, 64, 8, 2),
+    "tma 128x64 w8 s3 sig1": C(128, 64, 8, 3, sig=1),
+    "tma 128x64 w8 s3": C(128, 64, 8, 3),
+    "tma 128x64 w8 s4": C(128, 64, 8, 4),
     "tma 128x128 w8 s2": C(128, 128, 8, 2),
-    "tma 128x64 w8 s2 pipe": C(128, 64, 8, 2, pipe=True),
-    "tma 128x128 w8 s2 pipe": C(128, 128, 8, 2, pipe=True),
+    "tma 64x64 w4 s3": C(64, 64, 4, 3),
 }
 ONEPASS = {  # deterministic=False: the dK/dV kernel also adds dQ (no dQ kernel)
-    "reduce 64x128 w8 s2": {**C(64, 128, 8, 2), "ATOMIC_DQ": 2},
+    "reduce 64x128 w8 s3 sig1": {**C(64, 128, 8, 3, sig=1), "ATOMIC_DQ": 2},
     "reduce 64x128 w8 s3": {**C(64, 128, 8, 3), "ATOMIC_DQ": 2},
-    "reduce 64x64 w4 s2": {**C(64, 64, 4, 2), "ATOMIC_DQ": 2},
-    "atomic 64x128 w8 s2": {**C(64, 128, 8, 2), "ATOMIC_DQ": 1},
+    "reduce 64x128 w8 s4": {**C(64, 128, 8, 4), "ATOMIC_DQ": 2},
 }
 
 
-K0, DQ0 = "ptr 64x128 w8 s3", "ptr 128x32 w8 s2"  # the other kernel's launch while one is varied
+K0, DQ0 = "tma 64x128 w8 s3", "tma 128x64 w8 s3"  # the other kernel's launch while one is varied
 SMOKE = os.environ.get("SWEEP_SMOKE") == "1"  # CPU interpreter dry run of this script at tiny sizes
 DEV = "cpu" if SMOKE else "cuda"
 
@@ -129,7 +173,8 @@ def main() -> None:
             return float("nan")
         return ((a.double() - r).norm() / r.norm()).item()
 
-    checks = {}
+    checks: dict[str, object] = {}
+    sass: dict[str, dict[str, int]] = {}
     kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ), ("1p", ONEPASS))
     only = os.environ.get("SWEEP_ONLY")
     picked = {"bwd": kinds[1:], "fwd": kinds[:1], "1p": kinds[3:]}.get(only or "", kinds)
@@ -149,11 +194,15 @@ def main() -> None:
                     dq, dk, dv = attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw)
                     e = [err(dq, refs[1]), err(dk, refs[2]), err(dv, refs[3])]
                 checks[f"{kind} {name}"] = e
+                if LAUNCHED and not SMOKE:
+                    sass[f"{kind} {name}"] = _sass_counts(LAUNCHED[-1 if kind != "dkdv" else -2])
+                    print(f"sass {kind} {name}: {sass[f'{kind} {name}']}", flush=True)
             except Exception as exc:
                 checks[f"{kind} {name}"] = f"FAILED {type(exc).__name__}: {str(exc)[:300]}"
                 traceback.print_exc()
             print(f"check {kind} {name}: {checks[f'{kind} {name}']}", flush=True)
     res["checks"] = checks
+    res["sass"] = sass
     del refs
 
     # (b) timing: dense B=2, T=8192 and padded p=0.5 B=4, T=4096 (lengths in [T/2, T]).

@@ -80,6 +80,32 @@ def test_every_forward_launch_of_the_autotuner_list_is_correct():
             assert torch.all(out[b, n:] == 0), f"{cfg}: out[{b}, {n}:] (padding) is not exactly 0"
 
 
+def test_every_backward_launch_of_the_autotuner_lists_is_correct():
+    """Each dK/dV and dQ config the autotuners may pick (plain and software-pipelined), with GQA and padding."""
+    from scfm_kernels._bwd import _dkdv_configs, _dq_configs, attention_backward
+
+    B, T, H, K, D = 3, 2048, 4, 2, 128
+    lens = torch.tensor([T, 1, 1000], device="cuda", dtype=torch.int32)
+    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out = sk.sigmoid_attention_reference(q64, k64, v64, lens)
+    refs = torch.autograd.grad(out, (q64, k64, v64), go.double())
+    as_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dkdv_configs()]
+    dq_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dq_configs()]
+    # Each dK/dV config with the first dQ config, then each dQ config with the first dK/dV config.
+    pairs = [(c, dq_launch[0]) for c in as_launch] + [(as_launch[0], c) for c in dq_launch[1:]]
+    for dkdv_cfg, dq_cfg in pairs:
+        got = attention_backward(
+            go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, dkdv_config=dkdv_cfg, dq_config=dq_cfg
+        )
+        for name, t, ref in zip(("dq", "dk", "dv"), got, refs):
+            err = _relerr(t, ref)
+            assert err < TOL[torch.bfloat16], f"{name} with dkdv {dkdv_cfg}, dq {dq_cfg}: relative error {err:.2e}"
+            for b, n in enumerate(lens.tolist()):
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0 ({dkdv_cfg}, {dq_cfg})"
+
+
 @pytest.mark.parametrize(
     ("T", "H", "K", "D", "autotune"),
     [(2048, 4, 4, 128, False), (1536, 4, 2, 64, False), (1000, 4, 1, 80, False), (2048, 4, 2, 128, True)],
@@ -173,3 +199,20 @@ def test_torch_compile_inductor_no_graph_break():
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         assert _relerr(g, w.double()) < 1e-3
+
+
+def test_saturated_logits_give_zero_or_one_weights_not_nan():
+    """Logits far past ±120 (scale 40): the reciprocal's integer clamp keeps every weight finite on the GPU."""
+    B, T, H, D = 2, 1024, 4, 64
+    lens = torch.tensor([T, 700], device="cuda", dtype=torch.int32)
+    q, k, v = (_rand(B, T, H, D, dtype=torch.bfloat16) for _ in range(3))
+    out = sk.sigmoid_attention(q, k, v, lens, scale=40.0)
+    go = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), go))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_reference(q64, k64, v64, lens, scale=40.0)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values at saturated logits"
+        err = _relerr(a, b)
+        assert err < TOL[torch.bfloat16], f"{name}: relative error {err:.2e} at saturated logits"

@@ -96,6 +96,13 @@ def test_dense_default_lengths_and_overrides():
 
 @interpret_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_saturated_logits_give_zero_or_one_weights_not_nan(dtype):
+    """Logits far past ±120 (scale 40): the reciprocal's clamp keeps 1 / (1 + 2^z) finite (weights ≈ 0 or 1)."""
+    _check_padded(2, 40, 2, 1, 32, dtype, _lens(2, 40), scale=40.0)
+
+
+@interpret_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pipelined_forward_launch_matches_float64(dtype):
     """The software-pipelined key loop (PIPE) over tensor descriptors: lengths 0, 1, a block edge and ragged."""
     from scfm_kernels._fwd import attention_forward
