@@ -30,12 +30,6 @@ def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.con
     in the input dtype [BLOCK_N, BLOCK_M] for the one-pass backward's dQ product."""
     sT = mma(k, tl.trans(q), None, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    return _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-
-
-@triton.jit
-def _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
-    """The rest of a pair once Sᵀ = K Qᵀ and dPᵀ = V dOᵀ [BLOCK_N, BLOCK_M] are computed: weights, dV and dK."""
     pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
     dsT = ((pT - pT * pT) * dpT).to(q.dtype)
@@ -48,12 +42,6 @@ def _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr
     """One (query block, key block) pair's dQ contribution (unscaled), from loaded tiles."""
     s = mma(q, tl.trans(k), None, DOT_MODE)
     dp = mma(do, tl.trans(v), None, DOT_MODE)
-    return _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-
-
-@triton.jit
-def _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr, SIG: tl.constexpr = 1):
-    """The rest of a pair once S = Q Kᵀ and dP = dO Vᵀ [BLOCK_M, BLOCK_N] are computed: weights and dQ."""
     p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
     ds = (p - p * p) * dp
     return mma(ds.to(k.dtype), k, dq, DOT_MODE)
@@ -128,7 +116,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, PIPE: tl.constexpr = False, SIG: tl.constexpr = 1,
+    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -174,40 +162,23 @@ def _dkdv_kernel(
                     dqa_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dqat, 1],
                     block_shape=[BLOCK_M, BLOCK_D],
                 )  # fmt: skip
-            if PIPE and ATOMIC_DQ == 0:
-                # Software-pipelined (measured only, see _dkdv_configs): the next query block's products Sᵀ and
-                # dPᵀ are issued before this block's weights, dV and dK.
-                if n_rows > 0:
-                    q = q_desc.load([0, 0])
-                    do = do_desc.load([0, 0])
-                    sT = mma(k, tl.trans(q), None, DOT_MODE)
-                    dpT = mma(v, tl.trans(do), None, DOT_MODE)
-                    for start_m in tl.range(BLOCK_M, n_rows, BLOCK_M):
-                        q_next = q_desc.load([start_m, 0])
-                        do_next = do_desc.load([start_m, 0])
-                        sT_next = mma(k, tl.trans(q_next), None, DOT_MODE)
-                        dpT_next = mma(v, tl.trans(do_next), None, DOT_MODE)
-                        dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-                        q, do, sT, dpT = q_next, do_next, sT_next, dpT_next
-                    dk, dv, _ = _dkdv_finish(dk, dv, sT, dpT, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-            else:
-                for start_m in range(0, n_rows, BLOCK_M):
-                    q = q_desc.load([start_m, 0])
-                    do = do_desc.load([start_m, 0])
-                    dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-                    if ATOMIC_DQ != 0:
-                        # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
-                        # is added into a float32 accumulator; the order of the additions varies run to run.
-                        dq_part = mma(tl.trans(dsT), k, None, DOT_MODE)
-                        if ATOMIC_DQ == 2:
-                            # One bulk tensor reduce per tile (the copy engine adds it into global memory).
-                            dqa_desc.atomic_add([start_m, 0], dq_part)
-                        else:
-                            rows = start_m + offs_m
-                            tl.atomic_add(
-                                dqa_base + rows[:, None] * stride_dqat + offs_d[None, :], dq_part,
-                                mask=(rows < n)[:, None] & mask_d[None, :], sem="relaxed",
-                            )  # fmt: skip
+            for start_m in range(0, n_rows, BLOCK_M):
+                q = q_desc.load([start_m, 0])
+                do = do_desc.load([start_m, 0])
+                dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
+                if ATOMIC_DQ != 0:
+                    # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
+                    # is added into a float32 accumulator; the order of the additions varies run to run.
+                    dq_part = mma(tl.trans(dsT), k, None, DOT_MODE)
+                    if ATOMIC_DQ == 2:
+                        # One bulk tensor reduce per tile (the copy engine adds it into global memory).
+                        dqa_desc.atomic_add([start_m, 0], dq_part)
+                    else:
+                        rows = start_m + offs_m
+                        tl.atomic_add(
+                            dqa_base + rows[:, None] * stride_dqat + offs_d[None, :], dq_part,
+                            mask=(rows < n)[:, None] & mask_d[None, :], sem="relaxed",
+                        )  # fmt: skip
         else:
             q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
             do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -247,7 +218,7 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    PIPE: tl.constexpr = False, SIG: tl.constexpr = 1,
+    SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -281,26 +252,10 @@ def _dq_kernel(
             V + b * stride_vb + start * stride_vt + hk * stride_vh,
             shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
-        if PIPE:
-            # Software-pipelined (measured only): the next key block's S and dP are issued before this one's dQ.
-            if n_keys > 0:
-                k = k_desc.load([0, 0])
-                v = v_desc.load([0, 0])
-                s = mma(q, tl.trans(k), None, DOT_MODE)
-                dp = mma(do, tl.trans(v), None, DOT_MODE)
-                for start_n in tl.range(BLOCK_N, n_keys, BLOCK_N):
-                    k_next = k_desc.load([start_n, 0])
-                    v_next = v_desc.load([start_n, 0])
-                    s_next = mma(q, tl.trans(k_next), None, DOT_MODE)
-                    dp_next = mma(do, tl.trans(v_next), None, DOT_MODE)
-                    dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-                    k, s, dp = k_next, s_next, dp_next
-                dq = _dq_finish(dq, s, dp, k, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-        else:
-            for start_n in range(0, n_keys, BLOCK_N):
-                k = k_desc.load([start_n, 0])
-                v = v_desc.load([start_n, 0])
-                dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
+        for start_n in range(0, n_keys, BLOCK_N):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
     else:
         k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
         k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -329,8 +284,8 @@ def _dq_kernel(
 
 def _dkdv_configs() -> list[triton.Config]:
     # Run 11 (H200, D=128, L=8K, with the ftz/third-order sigmoid): 64x128 w8 s3 414 TFLOPS (whole backward),
-    # s2 388; the software-pipelined query loop (PIPE) spills registers at 64x128 (50 and 108 spills: 269 / 169)
-    # and 128x128 spills too (286): neither is in the list.
+    # s2 388; a software-pipelined query loop (tried in run 11, removed) spilled registers at 64x128 (50 and 108
+    # spills: 269 / 169) and 128x128 spills too (286).
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=4),
@@ -340,7 +295,7 @@ def _dkdv_configs() -> list[triton.Config]:
 
 
 def _dq_configs() -> list[triton.Config]:
-    # Run 11: 128x64 w8 s3 435, s2 408, PIPE 380, 128x32 355; the bench's autotuner took 128x128 w8 s2 at D=128.
+    # Run 11: 128x64 w8 s3 435, s2 408, software-pipelined (removed) 380, 128x32 355; the bench's autotuner took 128x128 w8 s2 at D=128.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
@@ -436,9 +391,8 @@ def attention_backward(
             if atomic and "ATOMIC_DQ" in cfg and not INTERPRET:  # benchmarks: element atomics (1), bulk reduce (2)
                 extra["ATOMIC_DQ"] = cfg.pop("ATOMIC_DQ")
             cfg.pop("ATOMIC_DQ", None)
-            cfg.pop("WS", None)  # forward-only option
-            if not tma or (atomic and extra.get("ATOMIC_DQ")):
-                cfg.pop("PIPE", None)  # the pipelined loops exist on the descriptor path of the two-kernel backward
+            cfg.pop("WS", None)  # forward-only options
+            cfg.pop("PIPE", None)
             kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, **extra, USE_TMA=tma)
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](

@@ -3,8 +3,8 @@ then do_bench medians side by side. `python tests/gpu/sweep_kernels.py` (needs a
 $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
-(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the key loop
-(forward, dQ) or query loop (dK/dV) software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ
+(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the forward's key
+loop software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ
 added with element atomics (1) or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the
 sweep to one part."""
 
