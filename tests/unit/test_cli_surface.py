@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helm_tools import helm_path
 
 from scfm_launch.cli import COMMANDS, build_parser
 
@@ -95,7 +96,10 @@ def test_containers_are_not_packages() -> None:
 def test_overrides_may_follow_options() -> None:
     out = _launch("validate", "configs/demo.yaml", "model.attention=softmax")
     assert out.returncode == 0 and "attention: softmax" in out.stdout
-    out = _launch("submit", "configs/demo.yaml", "--dry-run", "cluster.worker_replicas=3", "data.atlas=s3://b/a")
+    # helm from the test helper (fetched on first use): this test may run before any other that needs it
+    env = {**os.environ, "SCFM_HELM": str(helm_path())}
+    args = ("configs/demo.yaml", "--dry-run", "cluster.worker_replicas=3", "data.atlas=s3://b/a")
+    out = _launch("submit", *args, env=env)
     assert out.returncode == 0, out.stderr
     assert "replicas: 3" in out.stdout
     bad = _launch("validate", "configs/demo.yaml", "--nope")
