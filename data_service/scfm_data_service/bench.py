@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default=None, help="zarr token cache (built here if absent); default ATLAS.tokens.zarr")
     p.add_argument("--read-workers", type=int, default=None, help="data.read_workers of the scfm stream (default 2)")
     args = p.parse_args(argv)
+    try:  # checked before anything is built: the atlas alone takes minutes
+        import tiledbsoma_ml  # noqa: F401
+    except ImportError:
+        p.error("needs tiledbsoma-ml, the loader it compares against: pip install -e '.[bench]'")
 
     from scfm_data_service.atlas import atlas_info
     from scfm_data_service.cache import write_token_cache
