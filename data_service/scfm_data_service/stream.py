@@ -218,6 +218,10 @@ def _ray_tables(cfg: DataConfig, units: list[Unit], reader, tokenizer: Tokenizer
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     in_read = cfg.tokenize_on == "read"  # each read task also tokenizes, masks and pads its unit
+    # One operator only: Ray Data's per-operator resource reservation (meant to keep several operators from
+    # starving each other) then just caps the read tasks in flight; measured on a 2-CPU node it kept one of the
+    # read_workers tasks running most of the time (7.1 of 8.3 s), with it off both ran (docs/benchmarks.md).
+    ctx.op_resource_reservation_enabled = not in_read
     ds = ray.data.read_datasource(
         plan_datasource(units, reader, tokenizer if in_read else None),
         override_num_blocks=len(units),
