@@ -43,7 +43,7 @@ def _capture(jit_fn) -> None:
 for _fn in (_fwd._fwd_kernel, _bwd._dkdv_kernel, _bwd._dq_kernel):
     _capture(_fn)
 
-_SASS_OP = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[\s.]")
+_SASS_OP = re.compile(r"^[^\t]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # "--:-:1:-:8\tFFMA R1, ..."
 
 
 def _sass_counts(kernel) -> dict[str, int]:
@@ -59,7 +59,7 @@ def _sass_counts(kernel) -> dict[str, int]:
         SASS_DUMPED.append(1)
         with open(os.path.join(os.environ.get("OUT", "."), "sass_first.txt"), "w") as f:
             f.write(sass)
-    ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _SASS_OP.search(line)))
+    ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _SASS_OP.match(line)))
     keep = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "MUFU", "IADD3", "IMAD", "F2FP", "HGMMA", "WARPGROUP")
     out = {k: ops.get(k, 0) for k in keep}
     out["total"] = sum(ops.values())
