@@ -36,9 +36,9 @@ _PTX = tl.constexpr(not INTERPRET)
 
 @triton.jit
 def exp2_ftz(z):
-    """2^z with the special-function unit's ex2 in flush-to-zero mode: one MUFU op. Plain tl.exp2 on float32
-    lowers to the non-ftz ex2, which ptxas wraps in a range test and two predicated multiplies (subnormal
-    results); those cost three FMA-pipe issues per score, and a sigmoid weight under 2^-126 is 0 either way."""
+    """2^z with the special-function unit's ex2 in flush-to-zero mode: one MUFU op (the SASS of the run-11 forward
+    shows MUFU.EX2 and no range test). Plain tl.exp2 on float32 lowers to the non-ftz ex2, for which ptxas adds
+    subnormal-result handling around the MUFU op; a sigmoid weight under 2^-126 is 0 either way."""
     if _PTX:
         e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
     else:
@@ -55,8 +55,8 @@ def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = F
     y = y₀(1 + t + t²) in three FMAs (relative error t³ ≤ 1.3e-4: under half an fp16 ulp, a thirtieth of a
     bf16 ulp; every weight is rounded to 16 bits for the next product anyway). z is clamped at 120 so that a
     huge z gives p ≈ 1e-36, not NaN. Per score: one special-function op and six FMA-pipe issues. Measured on
-    the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz ex2 (ptxas
-    wraps it in a range test and two predicated multiplies) with two Newton steps (relative error ≤ 7.2e-6);
+    the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz ex2 (with
+    ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6);
     SIG=2, the clamp on d's integer bits instead (one FMA-pipe issue fewer), measured 5% slower than SIG=1.
     The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured only) is not used: at the logits a −log(n) bias
     gives (x ≈ −9 at n = 8K) it subtracts two numbers near 1 (relative error per weight up to 0.25–1.0).
