@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
-from ._fwd import LOG2E, mma, seq_bounds, sigmoid_from_log2
+from ._fwd import LOG2E, mma, seq_bounds, sigmoid_parts
 
 
 @triton.jit
@@ -30,9 +30,9 @@ def _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE: tl.con
     in the input dtype [BLOCK_N, BLOCK_M] for the one-pass backward's dQ product."""
     sT = mma(k, tl.trans(q), None, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
+    pT, eT = sigmoid_parts(sT * neg_scale_log2e + bias_log2, DOT_MODE == 1, SIG)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
-    dsT = ((pT - pT * pT) * dpT).to(q.dtype)
+    dsT = (pT * (eT * pT) * dpT).to(q.dtype)  # dP ⊙ P ⊙ (1 − P), 1 − P = e·P
     dk = mma(dsT, q, dk, DOT_MODE)
     return dk, dv, dsT
 
@@ -42,8 +42,8 @@ def _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE: tl.constexpr
     """One (query block, key block) pair's dQ contribution (unscaled), from loaded tiles."""
     s = mma(q, tl.trans(k), None, DOT_MODE)
     dp = mma(do, tl.trans(v), None, DOT_MODE)
-    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
-    ds = (p - p * p) * dp
+    p, e = sigmoid_parts(s * neg_scale_log2e + bias_log2, DOT_MODE == 1, SIG)
+    ds = p * (e * p) * dp
     return mma(ds.to(k.dtype), k, dq, DOT_MODE)
 
 
@@ -65,12 +65,12 @@ def _dkdv_block(
         q = tl.load(q_ptrs, mask=mask_d[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=mask_d[None, :], other=0.0)
     sT = mma(k, tl.trans(q), None, DOT_MODE)
-    pT = sigmoid_from_log2(sT * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
+    pT, eT = sigmoid_parts(sT * neg_scale_log2e + bias_log2, DOT_MODE == 1, SIG)
     if MASKED:
         pT = tl.where(row_ok[None, :], pT, 0.0)
     dv = mma(pT.to(do.dtype), do, dv, DOT_MODE)
     dpT = mma(v, tl.trans(do), None, DOT_MODE)
-    dsT = (pT - pT * pT) * dpT
+    dsT = pT * (eT * pT) * dpT
     dk = mma(dsT.to(q.dtype), q, dk, DOT_MODE)
     return dk, dv
 
@@ -94,10 +94,10 @@ def _dq_block(
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     s = mma(q, tl.trans(k), None, DOT_MODE)
     dp = mma(do, tl.trans(v), None, DOT_MODE)
-    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, DOT_MODE == 1, SIG)
+    p, e = sigmoid_parts(s * neg_scale_log2e + bias_log2, DOT_MODE == 1, SIG)
     if MASKED:
         p = tl.where(col_ok[None, :], p, 0.0)
-    ds = (p - p * p) * dp
+    ds = p * (e * p) * dp
     return mma(ds.to(k.dtype), k, dq, DOT_MODE)
 
 

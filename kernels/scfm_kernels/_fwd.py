@@ -47,44 +47,51 @@ def exp2_ftz(z):
 
 
 @triton.jit
-def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
-    """sigmoid(x) given z = −x·log2 e.
+def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
+    """(p, e) with p = sigmoid(x) = 1 / (1 + e), e = 2^z, given z = −x·log2 e (clamped at 120, so a huge z gives
+    p ≈ 1e-36, not NaN). 1 − p = e·p keeps its relative accuracy as p → 1, where 1 − p itself would cancel: the
+    backward's P(1 − P) is p·(e·p).
 
-    Default (SIG=1): p = 1 / d, d = 1 + 2^z, from one flush-to-zero ex2 (`exp2_ftz`) and a reciprocal on the
-    FMA pipe: bit-trick seed y₀ = magic − bits(d) (relative error t ≤ 0.051), then one third-order step
-    y = y₀(1 + t + t²) in three FMAs (relative error t³ ≤ 1.3e-4: under half an fp16 ulp, a thirtieth of a
-    bf16 ulp; every weight is rounded to 16 bits for the next product anyway). z is clamped at 120 so that a
-    huge z gives p ≈ 1e-36, not NaN. Per score: one special-function op and six FMA-pipe issues. Measured on
-    the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz ex2 (with
-    ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6);
-    SIG=2, the clamp on d's integer bits instead (one FMA-pipe issue fewer), measured 5% slower than SIG=1.
-    The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured only) is not used: at the logits a −log(n) bias
-    gives (x ≈ −9 at n = 8K) it subtracts two numbers near 1 (relative error per weight up to 0.25–1.0).
+    Default (SIG=1): one flush-to-zero ex2 (`exp2_ftz`) and a reciprocal on the FMA pipe: bit-trick seed
+    y₀ = magic − bits(d), d = 1 + e (relative error t ≤ 0.051), then one third-order step y = y₀(1 + t + t²) in
+    three FMAs (relative error t³ ≤ 1.3e-4: under half an fp16 ulp, a thirtieth of a bf16 ulp; every weight is
+    rounded to 16 bits for the next product anyway). Per score: one special-function op and six FMA-pipe issues.
+    Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz
+    ex2 (with ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6). Moving the clamp onto
+    d's integer bits (one FMA-pipe issue fewer) measured 5% slower and was removed.
     EXACT_DIV (float32 inputs): IEEE-rounded division.
     """
+    z = tl.minimum(z, 120.0)
+    if EXACT_DIV:
+        e = tl.exp2(z)
+        p = tl.math.div_rn(1.0, 1.0 + e)
+    elif SIG == 1:
+        e = exp2_ftz(z)
+        d = 1.0 + e
+        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        t = 1.0 - d * y
+        p = y + y * (t + t * t)
+    else:
+        e = tl.exp2(z)
+        d = 1.0 + e
+        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        y = y * (2.0 - d * y)
+        p = y * (2.0 - d * y)
+    return p, e
+
+
+@triton.jit
+def sigmoid_from_log2(z, FAST_SIGMOID: tl.constexpr, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
+    """sigmoid(x) given z = −x·log2 e: `sigmoid_parts`' p. FAST_SIGMOID (measured only): 0.5·tanh(x/2) + 0.5 on
+    the hardware tanh approximation, not used: at the logits a −log(n) bias gives (x ≈ −9 at n = 8K) it subtracts
+    two numbers near 1 (relative error per weight up to 0.25–1.0)."""
     if FAST_SIGMOID:
         t = tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=r,r", [z * -0.34657359027997264], dtype=tl.float32, is_pure=True, pack=1
         )
         p = 0.5 * t + 0.5
-    elif EXACT_DIV:
-        p = tl.math.div_rn(1.0, 1.0 + tl.exp2(z))
-    elif SIG == 2:
-        d_bits = tl.minimum((1.0 + exp2_ftz(z)).to(tl.int32, bitcast=True), 0x7E800000)
-        d = d_bits.to(tl.float32, bitcast=True)
-        y = (0x7EF311C3 - d_bits).to(tl.float32, bitcast=True)
-        t = 1.0 - d * y
-        p = y + y * (t + t * t)
-    elif SIG == 1:
-        d = 1.0 + exp2_ftz(tl.minimum(z, 120.0))
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        t = 1.0 - d * y
-        p = y + y * (t + t * t)
     else:
-        d = 1.0 + tl.exp2(tl.minimum(z, 120.0))
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        y = y * (2.0 - d * y)
-        p = y * (2.0 - d * y)
+        p, _ = sigmoid_parts(z, EXACT_DIV, SIG)
     return p
 
 
