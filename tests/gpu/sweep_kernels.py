@@ -24,9 +24,9 @@ from scfm_kernels import _bwd, _common, _fwd
 from scfm_kernels._bwd import attention_backward
 from scfm_kernels._fwd import attention_forward
 
-# Every compiled kernel a launch returns, so each variant's machine code can be counted (`_sass_counts`).
-LAUNCHED: list[object] = []
-SASS_DUMPED: list[int] = []
+# The compiled kernel of each jit function's latest launch, so each variant's machine code can be counted.
+LAST_LAUNCH: dict[str, object] = {}
+KERNEL_OF = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "1p": "_dkdv_kernel", "dq": "_dq_kernel"}
 
 
 def _capture(jit_fn) -> None:
@@ -34,7 +34,7 @@ def _capture(jit_fn) -> None:
 
     def capturing_run(*args, **kwargs):
         kernel = run(*args, **kwargs)
-        LAUNCHED.append(kernel)
+        LAST_LAUNCH[jit_fn.__name__] = kernel
         return kernel
 
     jit_fn.run = capturing_run
@@ -55,10 +55,6 @@ def _sass_counts(kernel) -> dict[str, int]:
         ptx = kernel.asm.get("ptx", "")
         c = collections.Counter(m.group(1) for m in re.finditer(r"^\s+([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", ptx, re.M))
         return {"_error": str(exc)[:80], **{k: v for k, v in c.most_common(25)}}
-    if not SASS_DUMPED:  # one kernel's whole SASS for reading at leisure
-        SASS_DUMPED.append(1)
-        with open(os.path.join(os.environ.get("OUT", "."), "sass_first.txt"), "w") as f:
-            f.write(sass)
     ops = collections.Counter(m.group(1) for line in sass.splitlines() if (m := _SASS_OP.match(line)))
     keep = ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "MUFU", "IADD3", "IMAD", "F2FP", "HGMMA", "WARPGROUP")
     out = {k: ops.get(k, 0) for k in keep}
@@ -194,9 +190,13 @@ def main() -> None:
                     dq, dk, dv = attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw)
                     e = [err(dq, refs[1]), err(dk, refs[2]), err(dv, refs[3])]
                 checks[f"{kind} {name}"] = e
-                if LAUNCHED and not SMOKE:
-                    sass[f"{kind} {name}"] = _sass_counts(LAUNCHED[-1 if kind != "dkdv" else -2])
+                if not SMOKE:
+                    kernel = LAST_LAUNCH[KERNEL_OF[kind]]
+                    sass[f"{kind} {name}"] = _sass_counts(kernel)
                     print(f"sass {kind} {name}: {sass[f'{kind} {name}']}", flush=True)
+                    if len(sass) == 1:  # the first variant's whole SASS, for reading at leisure
+                        with open(os.path.join(out_dir, "sass_first.txt"), "w") as f:
+                            f.write(kernel.asm["sass"])
             except Exception as exc:
                 checks[f"{kind} {name}"] = f"FAILED {type(exc).__name__}: {str(exc)[:300]}"
                 traceback.print_exc()

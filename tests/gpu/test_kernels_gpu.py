@@ -81,7 +81,7 @@ def test_every_forward_launch_of_the_autotuner_list_is_correct():
 
 
 def test_every_backward_launch_of_the_autotuner_lists_is_correct():
-    """Each dK/dV and dQ config the autotuners may pick (plain and software-pipelined), with GQA and padding."""
+    """Each dK/dV and dQ config the autotuners may pick, with GQA and padding."""
     from scfm_kernels._bwd import _dkdv_configs, _dq_configs, attention_backward
 
     B, T, H, K, D = 3, 2048, 4, 2, 128
@@ -91,10 +91,10 @@ def test_every_backward_launch_of_the_autotuner_lists_is_correct():
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     out = sk.sigmoid_attention_reference(q64, k64, v64, lens)
     refs = torch.autograd.grad(out, (q64, k64, v64), go.double())
-    as_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dkdv_configs()]
+    dkdv_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dkdv_configs()]
     dq_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dq_configs()]
     # Each dK/dV config with the first dQ config, then each dQ config with the first dK/dV config.
-    pairs = [(c, dq_launch[0]) for c in as_launch] + [(as_launch[0], c) for c in dq_launch[1:]]
+    pairs = [(c, dq_launch[0]) for c in dkdv_launch] + [(dkdv_launch[0], c) for c in dq_launch[1:]]
     for dkdv_cfg, dq_cfg in pairs:
         got = attention_backward(
             go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, dkdv_config=dkdv_cfg, dq_config=dq_cfg
@@ -202,7 +202,7 @@ def test_torch_compile_inductor_no_graph_break():
 
 
 def test_saturated_logits_give_zero_or_one_weights_not_nan():
-    """Logits far past ±120 (scale 40): the reciprocal's integer clamp keeps every weight finite on the GPU."""
+    """Logits far past ±120 (scale 40): the clamp keeps every weight finite, and P(1 − P) = P·(e·P) accurate."""
     B, T, H, D = 2, 1024, 4, 64
     lens = torch.tensor([T, 700], device="cuda", dtype=torch.int32)
     q, k, v = (_rand(B, T, H, D, dtype=torch.bfloat16) for _ in range(3))
