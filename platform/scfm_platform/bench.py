@@ -2,11 +2,13 @@
 
     python -m scfm_platform.bench                         # 160m preset, 8 cells × 8192 tokens, sigmoid/flash/cudnn
     python -m scfm_platform.bench --compile --steps 30 --json bench.json
+    python -m scfm_platform.bench --compile --profile --backends sigmoid,cudnn   # where each step's time goes
 
 Each backend gets a fresh model (same seed) and times forward + masked-gene loss + backward + AdamW step on
 synthetic full-length cells (no padding, so every SDPA backend runs), bf16 autocast over fp32 weights, fused
 AdamW. No Ray or DeepSpeed: this measures the model and its attention. MFU uses `scfm_platform.flops` (attention
-over valid tokens included) against the GPU's dense bf16 peak.
+over valid tokens included) against the GPU's dense bf16 peak. --profile adds, per backend, two more steps under
+the profiler and prints their kernel time by category (`scfm_platform.step_profile`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scfm_platform.config import load_config
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, count_params
 from scfm_platform.objective import masked_loss
+from scfm_platform.step_profile import by_category, format_profile, profile_step
 from scfm_platform.synthetic import synthetic_batch
 
 BACKENDS = {  # name → config overrides
@@ -82,6 +85,11 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     tokens = args.cells * args.seq_len
+    profile = {}
+    if args.profile:
+        rows = profile_step(step, 2, dev)
+        print(f"--- {name}: profile of 2 steps (timed step {dt * 1e3:.1f} ms)\n{format_profile(rows, dt * 1e3)}")
+        profile = {"profile_ms": by_category(rows), "profile_top": rows[:25]}
     return {
         "backend": name,
         "step_s": dt,
@@ -91,6 +99,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0,
         "loss": float(loss.detach()),
         "params": count_params(core),
+        **profile,
     }
 
 
@@ -107,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--profile", action="store_true", help="print where each backend's step time goes, by kernel")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)

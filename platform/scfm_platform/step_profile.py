@@ -1,0 +1,85 @@
+"""Where a training step's time goes: device kernels (or CPU ops) grouped into a few categories.
+
+    rows = profile_step(step, steps=2, device=torch.device("cuda"))
+    print(format_profile(rows, step_ms))
+
+Categories are matched on the kernel or op name, first match wins (`CATEGORIES`): the sigmoid kernels' forward and
+backward, softmax attention (cuDNN / flash / memory-efficient), matrix products, the optimizer, compiled fused
+elementwise/reduction kernels, embedding lookups and their scatter-add backward, copies, and the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, re.I))
+    for name, pattern in (
+        ("attention fwd (sigmoid)", r"_fwd_kernel"),
+        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel|_dq_zero|_bwd_pre"),
+        ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention|efficient_attention"),
+        ("optimizer", r"adam|multi_tensor|foreach"),
+        ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),
+        ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|wgmma|aten::(?:mm|addmm|bmm|linear|matmul)\b"),
+        ("fused elementwise/norm", r"^triton_|layer_norm|rms_norm|gelu|elementwise|reduce|softmax|cross_entropy"),
+        ("copy/fill", r"memcpy|memset|copy|fill|cat|zero"),
+    )
+)
+
+
+def category(name: str) -> str:
+    """The category of one kernel or op name; "other" when none matches."""
+    for cat, pattern in CATEGORIES:
+        if pattern.search(name):
+            return cat
+    return "other"
+
+
+def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> list[dict[str, float | str]]:
+    """Run `step` `steps` times under the profiler; per kernel (CUDA) or top-level op (CPU): milliseconds per step,
+    calls per step and category, longest first."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        if cuda:
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = ev.self_device_time_total
+        else:
+            us = ev.self_cpu_time_total
+        if us <= 0:
+            continue
+        rows.append({"name": ev.key, "ms": us / 1e3 / steps, "calls": ev.count / steps, "category": category(ev.key)})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
+    """Milliseconds per step per category, largest first."""
+    out: dict[str, float] = {}
+    for r in rows:
+        out[str(r["category"])] = out.get(str(r["category"]), 0.0) + float(r["ms"])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def format_profile(rows: list[dict[str, float | str]], step_ms: float, top: int = 12) -> str:
+    """A table of categories (ms per step, share of the timed step) and the `top` longest kernels."""
+    lines = [f"{'category':<26} {'ms/step':>9} {'% step':>7}"]
+    for cat, ms in by_category(rows).items():
+        lines.append(f"{cat:<26} {ms:9.2f} {100 * ms / step_ms:6.1f}%")
+    busy = sum(float(r["ms"]) for r in rows)
+    lines.append(f"{'(sum; idle = step - sum)':<26} {busy:9.2f} {100 * busy / step_ms:6.1f}%")
+    lines.append("")
+    lines.append(f"{'ms/step':>9} {'calls':>6}  kernel")
+    for r in rows[:top]:
+        lines.append(f"{float(r['ms']):9.2f} {float(r['calls']):6.0f}  {str(r['name'])[:110]}")
+    return "\n".join(lines)
