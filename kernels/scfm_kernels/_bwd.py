@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
+from ._common import (
+    AUTOTUNE,
+    INTERPRET,
+    block_d,
+    dot_mode,
+    len_bucket,
+    new_output,
+    set_descriptor_allocator,
+    sigmoid_mode,
+    tma_ok,
+)
 from ._fwd import LOG2E, mma, seq_bounds, sigmoid_parts
 
 
@@ -314,7 +324,7 @@ def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list
     return configs if AUTOTUNE else configs[:1]
 
 
-_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA", "LEN_BUCKET"]
+_BWD_KEY = ["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "USE_TMA", "LEN_BUCKET", "SIG"]
 _dkdv_tuned = (
     None
     if INTERPRET
@@ -370,6 +380,7 @@ def attention_backward(
         set_descriptor_allocator()
     meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
     meta["LEN_BUCKET"] = len_bucket(t_max)
+    meta["SIG"] = sigmoid_mode(q.dtype)
     one_pass = not deterministic and use_tma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if one_pass else dq
     dkdv_args = (q, k, v, do, dk, dv, dq_acc, seq, bias_B, -scale * LOG2E, scale, *s_in)
@@ -393,7 +404,7 @@ def attention_backward(
             cfg.pop("ATOMIC_DQ", None)
             cfg.pop("WS", None)  # forward-only options
             cfg.pop("PIPE", None)
-            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **meta, **cfg, **extra, USE_TMA=tma)
+            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **{**meta, **cfg, **extra, "USE_TMA": tma})
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](
                 *args, **meta, **extra, USE_TMA=use_tma

@@ -44,6 +44,13 @@ def dot_mode(dtype: torch.dtype) -> int:
     return 2 if INTERPRET else 0
 
 
+def sigmoid_mode(dtype: torch.dtype) -> int:
+    """Which reciprocal the kernels' sigmoid uses (`_fwd.sigmoid_parts`): 3, one centred Newton step (relative
+    error ≤ 1.3e-3, a third of a bfloat16 ulp) for bfloat16; 1, one third-order step (≤ 1.3e-4, under half an
+    fp16 ulp) for float16; float32 divides exactly whatever this says."""
+    return 3 if dtype == torch.bfloat16 else 1
+
+
 def tma_ok(*ts: torch.Tensor) -> bool:
     """Whether the kernels may read these [.., T, H, D] tensors through tensor descriptors (TMA): 16-bit
     dtype, 16-byte aligned base and strides, last dim contiguous. Otherwise they use pointer loads."""

@@ -25,7 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
+from ._common import (
+    AUTOTUNE,
+    INTERPRET,
+    block_d,
+    dot_mode,
+    len_bucket,
+    new_output,
+    set_descriptor_allocator,
+    sigmoid_mode,
+    tma_ok,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -59,6 +69,10 @@ def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz
     ex2 (with ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6). Moving the clamp onto
     d's integer bits (one FMA-pipe issue fewer) measured 5% slower and was removed.
+    SIG=3 (bfloat16 inputs, `_common.sigmoid_mode`): the same seed taken of d/c and one Newton step, y(2 − (d/c)y),
+    four FMA-pipe issues instead of six. A Newton step always lands below 1/d (relative error −t² ∈ [−2.6e-3, 0]);
+    the constant c = 1.001277 centres that at ±1.28e-3 (checked over d ∈ [1, 2^120] in float32 on the CPU),
+    a third of a bfloat16 ulp: the weight is rounded to bfloat16 for the P·V product anyway (half-ulp up to 3.9e-3).
     EXACT_DIV (float32 inputs): IEEE-rounded division.
     """
     z = tl.minimum(z, 120.0)
@@ -71,6 +85,11 @@ def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
         y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
         t = 1.0 - d * y
         p = y + y * (t + t * t)
+    elif SIG == 3:
+        e = exp2_ftz(z)
+        d = e * 0.99872463 + 0.99872463  # (1 + e) / c
+        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        p = y * (2.0 - d * y)
     else:
         e = tl.exp2(z)
         d = 1.0 + e
@@ -250,7 +269,7 @@ _fwd_tuned = (
     if INTERPRET
     else triton.autotune(
         configs=_fwd_configs(),
-        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID", "USE_TMA", "LEN_BUCKET"],
+        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "FAST_SIGMOID", "USE_TMA", "LEN_BUCKET", "SIG"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(_fwd_kernel)
 )
@@ -292,6 +311,7 @@ def attention_forward(
         FAST_SIGMOID=fast_sigmoid,
         USE_TMA=tma_ok(q, k, v),
         LEN_BUCKET=len_bucket(t_max),
+        SIG=sigmoid_mode(q.dtype),
     )
     if meta["USE_TMA"]:
         set_descriptor_allocator()
@@ -300,7 +320,7 @@ def attention_forward(
         meta["USE_TMA"] = config.pop("USE_TMA", True) and meta["USE_TMA"]
         meta["WS"] = config.pop("WS", False)
         meta["PIPE"] = config.pop("PIPE", False)
-        _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **meta, **config)
+        _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **{**meta, **config})
     elif INTERPRET:
         _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, WS=False, BLOCK_M=16, BLOCK_N=16)
     else:

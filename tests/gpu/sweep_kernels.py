@@ -65,31 +65,32 @@ def _sass_counts(kernel) -> dict[str, int]:
     return out
 
 
-def C(bm, bn, w, s, tma=True, ws=False, pipe=False, sig=1):
+def C(bm, bn, w, s, tma=True, ws=False, pipe=False, sig=3):
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, PIPE=pipe, SIG=sig)
 
 
-# SIG: the weights' sigmoid (_fwd.sigmoid_parts): 1 flush-to-zero ex2 + one third-order reciprocal step (the
-# default), 0 the run-10 kernels' non-ftz ex2 + two Newton steps ("sig0" rows). Run 11 (2026-12-01) timed both
-# over two rounds and a third variant (the clamp on d's integer bits, 5% slower, removed).
+# SIG: the weights' sigmoid (_fwd.sigmoid_parts): 3 flush-to-zero ex2 + one centred Newton step (bfloat16's
+# default), 1 the same ex2 + one third-order step (float16's default, the run-11 kernels; "sig1" rows).
 FWD = {
+    "tma 128x128 w8 s3 sig1": C(128, 128, 8, 3, sig=1),
     "tma 128x128 w8 s3": C(128, 128, 8, 3),
     "tma 128x128 w8 s3 ws": C(128, 128, 8, 3, ws=True),
     # One warp group per program, shared memory for two programs per multiprocessor (Q 32 KB + 2 x 32 KB of
     # K/V): their weights and products interleave without a common barrier.
+    "tma 128x64 w4 s2 sig1": C(128, 64, 4, 2, sig=1),
     "tma 128x64 w4 s2": C(128, 64, 4, 2),
-    "tma 128x64 w4 s2 ws": C(128, 64, 4, 2, ws=True),
     "tma 128x64 w4 s3": C(128, 64, 4, 3),
     # 128 query rows per warp group: K/V loads and barriers amortised over twice the rows.
     "tma 256x64 w8 s2": C(256, 64, 8, 2),
     "tma 256x64 w8 s3": C(256, 64, 8, 3),
 }
 DKDV = {  # BLOCK_M queries x BLOCK_N keys
-    "tma 64x128 w8 s3 sig0": C(64, 128, 8, 3, sig=0),
+    "tma 64x128 w8 s3 sig1": C(64, 128, 8, 3, sig=1),
     "tma 64x128 w8 s3": C(64, 128, 8, 3),
     "tma 64x64 w4 s2": C(64, 64, 4, 2),
 }
 DQ = {
+    "tma 128x64 w8 s3 sig1": C(128, 64, 8, 3, sig=1),
     "tma 128x64 w8 s3": C(128, 64, 8, 3),
     "tma 128x64 w8 s4": C(128, 64, 8, 4),
     "tma 64x64 w4 s3": C(64, 64, 4, 3),

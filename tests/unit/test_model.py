@@ -141,3 +141,20 @@ def test_deterministic_attention_switch_reaches_every_block():
     torch.manual_seed(0)
     b = build_model(_cfg("model.deterministic_attention=false"), VOCAB)
     assert torch.equal(_loss(a, _batch(), _cfg())[0], _loss(b, _batch(), _cfg())[0])
+
+
+@pytest.mark.parametrize("n_genes", [N_GENES, 64 * 4 - schema.N_SPECIAL])  # odd vocabulary, and one of 64 rows
+def test_gene_head_padding_changes_nothing(n_genes):
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg, n_genes + schema.N_SPECIAL).double()
+    h_MD = torch.randn(7, model.dims.dim, dtype=torch.float64, requires_grad=True)
+    got = model.gene_logits(h_MD)
+    want = torch.nn.functional.linear(h_MD, model.gene_emb.weight, model.gene_bias)
+    assert got.shape == want.shape == (7, n_genes + schema.N_SPECIAL)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (h_MD, model.gene_emb.weight, model.gene_bias), g)
+    want_grads = torch.autograd.grad(want, (h_MD, model.gene_emb.weight, model.gene_bias), g)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
