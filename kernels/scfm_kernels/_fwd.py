@@ -10,11 +10,13 @@ Key blocks past a sequence's end are never loaded: the key loop stops at the las
 key, and only that block is masked.
 
 The sigmoid is p = 1 / (1 + 2^(−(s·scale + b)·log2 e)): one flush-to-zero ex2 on the special-function unit and
-a reciprocal on the FMA pipe (bit-trick seed + one third-order step, `sigmoid_from_log2`), so each score costs one
-special-function op, as in softmax. Measured on the H200 (docs/benchmarks.md, runs 3 and 11): relative error
-≤ 1.3e-4 per weight for any logit (attention output error against float64 unchanged at 2.3e-3 in bf16), forward
-529 TFLOPS at D=128, L=8K (fixed launch), against 501 with the non-ftz ex2 and two Newton steps and 425 (run 3)
-with the hardware reciprocal (two special-function ops). The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured
+a reciprocal on the FMA pipe (bit-trick seed, then one centred Newton step for bfloat16 or one third-order step
+for float16, `sigmoid_parts`), so each score costs one special-function op, as in softmax. Measured on the H200
+(docs/benchmarks.md, runs 3, 11 and 12): relative error per weight ≤ 1.28e-3 (bf16; a third of a bf16 ulp) and
+≤ 1.3e-4 (fp16); attention output error against float64 2.5e-3 (bf16, was 2.3e-3 with the third-order step);
+forward 529 TFLOPS at D=128, L=8K (fixed launch, third-order step) against 501 with the non-ftz ex2 and two
+Newton steps and 425 (run 3) with the hardware reciprocal (two special-function ops); the centred Newton step
+adds 0.6–3.5% (run 12). The tanh form 0.5·tanh(x/2) + 0.5 (FAST_SIGMOID, measured
 only) is not used: at the logits a −log(n) bias produces (x ≈ −9 for n = 8K, sigmoid(x) ≈ 1e-4) it subtracts two
 numbers near 1, and its relative error per weight reached 0.25 (σ = 1) and 1.0 (σ = 3) at n = 16K, median 3e-3.
 """
@@ -69,7 +71,7 @@ def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz
     ex2 (with ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6). Moving the clamp onto
     d's integer bits (one FMA-pipe issue fewer) measured 5% slower and was removed.
-    SIG=3 (bfloat16 inputs, `_common.sigmoid_mode`): the same seed taken of d/c and one Newton step, y(2 − (d/c)y),
+    SIG=3 (the forward's choice for bfloat16, `_common.sigmoid_mode`; the backward keeps SIG=1): the same seed taken of d/c and one Newton step, y(2 − (d/c)y),
     four FMA-pipe issues instead of six. A Newton step always lands below 1/d (relative error −t² ∈ [−2.6e-3, 0]);
     the constant c = 1.001277 centres that at ±1.28e-3 (checked over d ∈ [1, 2^120] in float32 on the CPU),
     a third of a bfloat16 ulp: the weight is rounded to bfloat16 for the P·V product anyway (half-ulp up to 3.9e-3).
@@ -151,7 +153,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
-    USE_TMA: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr = False, LEN_BUCKET: tl.constexpr = 0,
+    USE_TMA: tl.constexpr, WS: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
     SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -188,27 +190,12 @@ def _fwd_kernel(
             V + b * stride_vb + start * stride_vt + hk * stride_vh,
             shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
-        if PIPE:
-            # Software-pipelined: the product S_{j+1} = Q K_{j+1}ᵀ is issued before the sigmoid of S_j, so
-            # the tensor cores work on the next block while the FMA/special-function pipes work on this one.
-            if n_keys > 0:
-                s = mma(q, tl.trans(k_desc.load([0, 0])), None, DOT_MODE)
-                for start_n in tl.range(BLOCK_N, n_keys, BLOCK_N):
-                    v = v_desc.load([start_n - BLOCK_N, 0])
-                    s_next = mma(q, tl.trans(k_desc.load([start_n, 0])), None, DOT_MODE)
-                    p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
-                    acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
-                    s = s_next
-                v = v_desc.load([((n_keys - 1) // BLOCK_N) * BLOCK_N, 0])
-                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
-                acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
-        else:
-            for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
-                k = k_desc.load([start_n, 0])
-                v = v_desc.load([start_n, 0])
-                s = mma(q, tl.trans(k), None, DOT_MODE)
-                p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
-                acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
+        for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+            s = mma(q, tl.trans(k), None, DOT_MODE)
+            p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, FAST_SIGMOID, DOT_MODE == 1, SIG)
+            acc = mma(p.to(v.dtype), v, acc, DOT_MODE)
     else:
         k_ptrs = K + b * stride_kb + start * stride_kt + hk * stride_kh
         k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -243,16 +230,17 @@ def _fwd_kernel(
 
 def _fwd_configs() -> list[triton.Config]:
     # Sweep of 2026-11-29 (tests/gpu/sweep_kernels.py, H200, D=128, L=8K dense / 4K p=0.5, TFLOPS):
-    # descriptors 128x128 w8 s3 502 / 417, + warp specialization 500 / 440, 128x64 w4 s3 483 / 426,
-    # pointer loads 128x128 w8 s3 472 / 408, descriptors 128x128 w8 s2 444 / 366. Run 8: the software-pipelined
-    # loop (PIPE) 128x128 w8 s2 won (16K dense 491 -> 519). Run 11 (2026-12-01), with the ftz/third-order
-    # sigmoid: 128x128 w8 s3 529 / 463, + warp specialization 526 / 458, PIPE 128x128 s2 474 / 382 (it lost
-    # its lead: out of the list), PIPE 128x64 w8 s3 520 / 458.
+    # descriptors 128x128 w8 s3 502 / 417, + warp specialization 500 / 440, pointer loads 128x128 w8 s3 472 / 408.
+    # Run 11 (2026-12-01), ftz/third-order sigmoid: 128x128 w8 s3 529 / 463, + warp specialization 526 / 458,
+    # software-pipelined key loop 128x128 s2 474 / 382, 128x64 w8 s3 520 / 458 (in no list since, removed in
+    # run 12). Run 12, bf16 with the centred Newton step:
+    # 128x128 w8 s3 512 / 446, 256x64 w8 s3 539 / 468, 128x64 w4 s2 (one warp group, two programs per
+    # multiprocessor) 530 / 470, 128x64 w4 s3 476 / 402, 256x64 w8 s2 432 / 370.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "WS": False}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": True}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False, "PIPE": True}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "WS": False}, num_warps=4, num_stages=2),
     ]
 
@@ -319,7 +307,6 @@ def attention_forward(
         config = dict(config)
         meta["USE_TMA"] = config.pop("USE_TMA", True) and meta["USE_TMA"]
         meta["WS"] = config.pop("WS", False)
-        meta["PIPE"] = config.pop("PIPE", False)
         _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **{**meta, **config})
     elif INTERPRET:
         _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, WS=False, BLOCK_M=16, BLOCK_N=16)

@@ -3,8 +3,8 @@ then do_bench medians side by side. `python tests/gpu/sweep_kernels.py` (needs a
 $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
-(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; PIPE: the forward's key
-loop software-pipelined by hand; ATOMIC_DQ: the opt-in one-pass backward, dQ
+(USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; ATOMIC_DQ: the
+opt-in one-pass backward, dQ
 added with element atomics (1) or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the
 sweep to one part."""
 
@@ -65,8 +65,8 @@ def _sass_counts(kernel) -> dict[str, int]:
     return out
 
 
-def C(bm, bn, w, s, tma=True, ws=False, pipe=False, sig=3):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, PIPE=pipe, SIG=sig)
+def C(bm, bn, w, s, tma=True, ws=False, sig=3):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, USE_TMA=tma, WS=ws, SIG=sig)
 
 
 # SIG: the weights' sigmoid (_fwd.sigmoid_parts): 3 flush-to-zero ex2 + one centred Newton step (bfloat16's
