@@ -4,13 +4,14 @@
         --kernel-name regex:'_fwd_kernel|_dkdv_kernel|_dq_kernel' python3 tests/gpu/ncu_target.py
 
 Fixed launches (no autotuning): the forward's two leading tiles with the bf16 sigmoid, and the backward's
-default pair."""
+default pair; then cuDNN's softmax forward and backward on the same shape (add `|cudnn` to the regex)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scfm_kernels._bwd import attention_backward
 from scfm_kernels._fwd import attention_forward
@@ -30,4 +31,8 @@ attention_backward(
     dkdv_config=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
     dq_config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 )  # fmt: skip
+qt, kt, vt = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+    torch.autograd.grad(out, (qt, kt, vt), go.transpose(1, 2).contiguous())
 torch.cuda.synchronize()
