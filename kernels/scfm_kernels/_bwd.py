@@ -116,7 +116,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, WS: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -162,7 +162,7 @@ def _dkdv_kernel(
                     dqa_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dqat, 1],
                     block_shape=[BLOCK_M, BLOCK_D],
                 )  # fmt: skip
-            for start_m in tl.range(0, n_rows, BLOCK_M, warp_specialize=WS):
+            for start_m in range(0, n_rows, BLOCK_M):
                 q = q_desc.load([start_m, 0])
                 do = do_desc.load([start_m, 0])
                 dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
@@ -218,7 +218,7 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    SIG: tl.constexpr = 1, WS: tl.constexpr = False,
+    SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -252,7 +252,7 @@ def _dq_kernel(
             V + b * stride_vb + start * stride_vt + hk * stride_vh,
             shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D],
         )  # fmt: skip
-        for start_n in tl.range(0, n_keys, BLOCK_N, warp_specialize=WS):
+        for start_n in range(0, n_keys, BLOCK_N):
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
             dq = _dq_tile(dq, q, do, k, v, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
@@ -394,8 +394,7 @@ def attention_backward(
             if atomic and "ATOMIC_DQ" in cfg and not INTERPRET:  # benchmarks: element atomics (1), bulk reduce (2)
                 extra["ATOMIC_DQ"] = cfg.pop("ATOMIC_DQ")
             cfg.pop("ATOMIC_DQ", None)
-            if atomic:  # the one-pass loop's bulk reduce stays out of warp specialization
-                cfg.pop("WS", None)
+            cfg.pop("WS", None)  # forward-only option
             kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **{**meta, **cfg, **extra, "USE_TMA": tma})
         else:
             tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](
