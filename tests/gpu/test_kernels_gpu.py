@@ -64,7 +64,7 @@ def test_padded_matches_float64(B, T, H, K, D, dtype):
 
 
 def test_every_forward_launch_of_the_autotuner_list_is_correct():
-    """Each forward config the autotuner may pick (two- and one-warp-group tiles, warp-specialized) at D=128."""
+    """Each forward config the autotuner may pick (two- and one-warp-group tiles, 256-row tiles) at D=128."""
     from scfm_kernels._fwd import _fwd_configs, attention_forward
 
     B, T, H, D = 3, 2048, 4, 128
