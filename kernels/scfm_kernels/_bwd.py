@@ -295,7 +295,8 @@ def _dkdv_configs() -> list[triton.Config]:
 
 
 def _dq_configs() -> list[triton.Config]:
-    # Run 11: 128x64 w8 s3 435, s2 408, software-pipelined (removed) 380, 128x32 355; the bench's autotuner took 128x128 w8 s2 at D=128.
+    # Run 11: 128x64 w8 s3 435, s2 408, software-pipelined (removed) 380, 128x32 355. Run 12: 128x64 w8 s3
+    # 414-422, s4 412-426; the bench's autotuner took 128x64 w8 s3 at D = 64 and 128.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),

@@ -71,10 +71,11 @@ def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz
     ex2 (with ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6). Moving the clamp onto
     d's integer bits (one FMA-pipe issue fewer) measured 5% slower and was removed.
-    SIG=3 (the forward's choice for bfloat16, `_common.sigmoid_mode`; the backward keeps SIG=1): the same seed taken of d/c and one Newton step, y(2 − (d/c)y),
-    four FMA-pipe issues instead of six. A Newton step always lands below 1/d (relative error −t² ∈ [−2.6e-3, 0]);
-    the constant c = 1.001277 centres that at ±1.28e-3 (checked over d ∈ [1, 2^120] in float32 on the CPU),
-    a third of a bfloat16 ulp: the weight is rounded to bfloat16 for the P·V product anyway (half-ulp up to 3.9e-3).
+    SIG=3 (the forward's choice for bfloat16, `_common.sigmoid_mode`; the backward keeps SIG=1): the same seed
+    taken of d/c and one Newton step, y(2 − (d/c)y): four FMA-pipe issues instead of six. A Newton step always
+    lands below 1/d (relative error −t² ∈ [−2.6e-3, 0]); the constant c = 1.001277 centres that at ±1.28e-3
+    (checked over d ∈ [1, 2^120] in float32 on the CPU), a third of a bfloat16 ulp: the weight is rounded to
+    bfloat16 for the P·V product anyway (half-ulp up to 3.9e-3).
     EXACT_DIV (float32 inputs): IEEE-rounded division.
     """
     z = tl.minimum(z, 120.0)

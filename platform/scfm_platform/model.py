@@ -199,8 +199,8 @@ class CellTransformer(nn.Module):
         return ModelOutput(h_BTD, gene_logits, value_pred)
 
     def gene_logits(self, h_MD: torch.Tensor) -> torch.Tensor:
-        """[M, D] → logits [M, V] of the tied gene head. The product runs over the vocabulary padded with zero rows to a
-        multiple of 64: with an odd V (60,003 for the presets) the weight-gradient product otherwise falls back to
+        """[M, D] → logits [M, V] of the tied gene head. The product runs over the vocabulary padded with zero
+        rows to a multiple of 64: with an odd V (60,003 for the presets) one of its products otherwise falls back to
         an unaligned kernel (6.5 ms of a 335 ms 160M/8K step on the H200, docs/benchmarks.md)."""
         w_VD, b_V = self.gene_emb.weight, self.gene_bias
         V = w_VD.shape[0]

@@ -20,7 +20,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.I))
     for name, pattern in (
         ("attention fwd (sigmoid)", r"_fwd_kernel"),
-        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel|_dq_zero|_bwd_pre"),
+        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel"),
         ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention|efficient_attention"),
         ("optimizer", r"adam|multi_tensor|foreach"),
         ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),
@@ -40,8 +40,8 @@ def category(name: str) -> str:
 
 
 def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> list[dict[str, float | str]]:
-    """Run `step` `steps` times under the profiler; per kernel (CUDA) or top-level op (CPU): milliseconds per step,
-    calls per step and category, longest first."""
+    """Run `step` `steps` times under the profiler; per kernel (CUDA) or op (CPU, self time): milliseconds per
+    step, calls per step and category, longest first."""
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
