@@ -10,9 +10,12 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import scfm_kernels as sk
 from scfm_kernels import _common, _op
+from scfm_kernels._fwd import sigmoid_parts
 
 interpret_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -257,3 +260,33 @@ def test_varlen_rejects_bad_cu_seqlens():
         sk.sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 10]), 6)
     with pytest.raises(ValueError, match="max_seqlen is 0; expected a positive int"):
         sk.sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 10], dtype=torch.int32), 0)
+
+
+@triton.jit
+def _sigmoid_probe(X, P, Q, N, SIG: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    z = -tl.load(X + offs, mask=offs < N) * 1.4426950408889634
+    p, e = sigmoid_parts(z, False, SIG)
+    tl.store(P + offs, p, mask=offs < N)
+    tl.store(Q + offs, e * p, mask=offs < N)
+
+
+@interpret_only
+@pytest.mark.parametrize(("sig", "bound"), [(1, 1.4e-4), (3, 1.3e-3)])
+def test_sigmoid_weights_keep_their_stated_error(sig, bound):
+    """The weights' sigmoid (SIG 1: third-order step, fp16 and the backward; SIG 3: centred Newton step, the bf16
+    forward) stays within its documented relative error for p and for 1 − p = e·p, and saturates cleanly past
+    the clamp. The interpreter's ex2 is exact, so this checks the reciprocal and its constants."""
+    x = torch.cat([torch.linspace(-80, 80, 160_001), torch.randn(50_000) * 3 - 9])
+    far = torch.tensor([-1e4, -200.0, -90.0, 90.0, 200.0, 1e4])
+    xs = torch.cat([x, far])
+    p, q = torch.empty_like(xs), torch.empty_like(xs)
+    _sigmoid_probe[(triton.cdiv(xs.numel(), 4096),)](xs, p, q, xs.numel(), SIG=sig, BLOCK=4096)
+    n = x.numel()
+    ref_p, ref_q = torch.sigmoid(x.double()), torch.sigmoid(-x.double())
+    err_p = ((p[:n].double() - ref_p).abs() / ref_p).max().item()
+    err_q = ((q[:n].double() - ref_q).abs() / ref_q).max().item()
+    assert err_p <= bound and err_q <= bound, f"SIG {sig}: relative error p {err_p:.2e}, 1-p {err_q:.2e} > {bound}"
+    p_far = p[n:]
+    assert torch.isfinite(p_far).all() and (p_far >= 0).all() and (p_far <= 1 + bound).all()
+    assert (p_far[:3] < 1e-30).all() and (p_far[3:] > 1 - bound).all()
