@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 0  # steps between reports to Ray Train (progress bar, run history); 0: time-based only
     report_every_s: float = 10.0  # seconds between those reports (MLflow gets every step regardless)
     stall_warn_s: float = 900.0  # warn once when no report has come for this long (stuck workers?); 0: never
+    profile_steps: int = 0  # rank 0 profiles this many steps (0: off): kernel time by category, MLflow profile.txt
+    profile_after: int = 3  # steps done before the profiled ones (compilation and autotuning stay out)
     val_every: int = 50  # steps between validation losses (0: never)
     val_batches: int = 8  # batches per validation pass
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
@@ -175,6 +177,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.log_every": (0, None, True),
     "train.report_every_s": (0.0, None, True),
     "train.stall_warn_s": (0.0, None, True),
+    "train.profile_steps": (0, None, True),
+    "train.profile_after": (0, None, True),
     "train.val_every": (0, None, True),
     "train.val_batches": (1, None, True),
     "train.checkpoint_every": (0, None, True),

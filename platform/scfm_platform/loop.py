@@ -31,6 +31,7 @@ from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
 from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
 from scfm_platform.objective import masked_loss
+from scfm_platform.step_profile import StepWindow, format_profile
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -62,7 +63,9 @@ def train_loop(payload: dict[str, Any]) -> None:
     stop_file = Path(payload["stop_file"]) if payload.get("stop_file") else None
     joinid_log = Path(payload["joinid_log"]) / f"rank{rank}.jsonl" if payload.get("joinid_log") else None
     last_report = time.monotonic()
+    window = StepWindow(device, cfg.train.profile_after, cfg.train.profile_steps if rank == 0 else 0)
     while state.step < end:
+        window.begin(state.step)
         t_ask = time.perf_counter()
         epoch, pos, batch = next(stream)
         timer.data_ready(t_ask)
@@ -88,6 +91,7 @@ def train_loop(payload: dict[str, Any]) -> None:
         loss_mean = sums[0] / world
         reason = guard.check(loss_mean, gnorm)
         if reason is not None:
+            window.close()
             _stop(state, reason, log)
             return
         lr = engine.get_lr()[0]
@@ -122,10 +126,22 @@ def train_loop(payload: dict[str, Any]) -> None:
             _report(engine, metrics, state, rank, save)
             last_report = time.monotonic()
         timer.lap()  # validation and checkpoint time is not the next step's
+        if (rows := window.end(state.step)) is not None:
+            _log_profile(rows, window, log)
         if interrupted:
             break
+    window.close()
     if log is not None:
         log.close()
+
+
+def _log_profile(rows: list[dict[str, Any]], window: StepWindow, log) -> None:
+    """Rank 0's step profile (`train.profile_steps`): printed to the worker log and saved as MLflow profile.txt."""
+    steps = f"steps {window.first + 1}-{window.first + window.steps}"
+    text = f"profile of {steps}, {window.step_ms:.1f} ms per step (wall)\n{format_profile(rows, window.step_ms)}"
+    print(text, flush=True)
+    if log is not None:
+        log.log_text(f"{text}\n\n{json.dumps(rows, indent=1)}\n", "profile.txt")
 
 
 def _stream(cfg: RunConfig, rank: int, world: int, state: TrainState, per_epoch: int) -> Iterator[tuple]:

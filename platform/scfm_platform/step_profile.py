@@ -1,7 +1,10 @@
 """Where a training step's time goes: device kernels (or CPU ops) grouped into a few categories.
 
-    rows = profile_step(step, steps=2, device=torch.device("cuda"))
+    rows = profile_step(step, steps=2, device=torch.device("cuda"))    # a step function, run here
     print(format_profile(rows, step_ms))
+
+    window = StepWindow(device, after=3, steps=2)                        # inside a training loop
+    window.begin(done)  ...one step...  rows = window.end(done + 1)      # rows once the window has closed
 
 Categories are matched on the kernel or op name, first match wins (`CATEGORIES`): the sigmoid kernels' forward and
 backward, softmax attention (cuDNN / flash / memory-efficient), matrix products, the optimizer, compiled fused
@@ -11,6 +14,7 @@ elementwise/reduction kernels, embedding lookups and their scatter-add backward,
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
 import torch
@@ -42,21 +46,61 @@ def category(name: str) -> str:
 def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> list[dict[str, float | str]]:
     """Run `step` `steps` times under the profiler; per kernel (CUDA) or op (CPU, self time): milliseconds per
     step, calls per step and category, longest first."""
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(device)) as prof:
         for _ in range(steps):
             step()
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
+    return _rows(prof, steps, device)
+
+
+class StepWindow:
+    """Profiles `steps` consecutive steps of a loop, starting once `after` steps are done (a resumed run starts at
+    its first step past `after`). Call `begin(done)` before each step and `end(done)` after it, `done` counting
+    finished steps; `end` returns the rows when the window closes (else None) and `step_ms` is then the mean wall
+    time of a profiled step."""
+
+    def __init__(self, device: torch.device, after: int, steps: int):
+        self.device, self.after, self.steps = device, after, steps
+        self.step_ms = 0.0
+        self.first = -1  # steps done when profiling started
+        self._prof: profile | None = None
+        self._t0 = 0.0
+
+    def begin(self, done: int) -> None:
+        if self.first < 0 and self.steps > 0 and done >= self.after:
+            self.first, self._t0 = done, time.perf_counter()
+            self._prof = profile(activities=_activities(self.device))
+            self._prof.start()
+
+    def end(self, done: int) -> list[dict[str, float | str]] | None:
+        if self._prof is None or done < self.first + self.steps:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._prof.stop()
+        self.step_ms = (time.perf_counter() - self._t0) * 1e3 / self.steps
+        rows, self._prof = _rows(self._prof, self.steps, self.device), None
+        return rows
+
+    def close(self) -> None:
+        """Stop a window the loop left before it closed (nothing is reported)."""
+        if self._prof is not None:
+            self._prof.stop()
+            self._prof = None
+
+
+def _activities(device: torch.device) -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def _rows(prof: profile, steps: int, device: torch.device) -> list[dict[str, float | str]]:
+    cuda = device.type == "cuda"
     rows = []
     for ev in prof.key_averages():
-        if cuda:
-            if ev.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = ev.self_device_time_total
-        else:
-            us = ev.self_cpu_time_total
+        if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         if us <= 0:
             continue
         rows.append({"name": ev.key, "ms": us / 1e3 / steps, "calls": ev.count / steps, "category": category(ev.key)})

@@ -1,8 +1,9 @@
 """Training through real Ray Train + DeepSpeed (CPU, gloo) with a real MLflow server on 127.0.0.1.
 
-One 2-worker ZeRO-2 run (loss goes down, MLflow has params/metrics/config, both ZeRO partitions are saved); the
-same run stopped after 6 steps and resumed with `--resume`, and the same run with a training worker killed after
-its step-6 checkpoint: in both, the steps after the checkpoint have the uninterrupted run's losses.
+One 2-worker ZeRO-2 run (loss goes down, MLflow has params/metrics/config and rank 0's profile of steps 3-4, both
+ZeRO partitions are saved); the same run stopped after 6 steps and resumed with `--resume`, and the same run with
+a training worker killed after its step-6 checkpoint: in both, the steps after the checkpoint have the
+uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ BASE = [
     "train.val_batches=2",
     "train.checkpoint_every=6",
     "train.log_every=1",
+    "train.profile_steps=2",
+    "train.profile_after=2",
     "deepspeed.zero_stage=2",
     "resources.num_workers=2",
     "resources.use_gpu=false",
@@ -107,6 +110,8 @@ def test_mlflow_has_params_metrics_config(full_run, cluster):
     assert "mlflow.source.git.commit" in run.data.tags
     config_file = c.download_artifacts(run.info.run_id, "config.yaml")
     assert "attention: sigmoid" in Path(config_file).read_text()
+    profile = Path(c.download_artifacts(run.info.run_id, "profile.txt")).read_text()  # train.profile_steps=2
+    assert profile.startswith("profile of steps 3-4,") and "matmul" in profile and "ms/step" in profile
 
 
 def test_stop_and_resume_gives_the_same_losses(full_run, cluster, atlas, tmp_path):

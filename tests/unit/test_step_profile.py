@@ -50,3 +50,33 @@ def test_bench_profile_on_cpu(tmp_path, capsys):
     prof = res["profile_ms"]
     assert prof.get("matmul", 0) > 0 and sum(prof.values()) > 0
     assert "category" in capsys.readouterr().out
+
+
+def test_step_window_profiles_the_steps_after_the_skip():
+    import torch
+
+    from scfm_platform.step_profile import StepWindow
+
+    a = torch.randn(64, 64)
+    window = StepWindow(torch.device("cpu"), after=2, steps=2)
+    got = []
+    for done in range(6):  # done: steps finished before this one
+        window.begin(done)
+        a = a @ a.T / 64
+        rows = window.end(done + 1)
+        got.append(rows is not None)
+    assert got == [False, False, False, True, False, False]  # closes after steps 3 and 4, once
+    assert window.first == 2 and window.step_ms > 0
+
+
+def test_step_window_on_a_resumed_run_starts_at_its_first_step():
+    import torch
+
+    from scfm_platform.step_profile import StepWindow
+
+    window = StepWindow(torch.device("cpu"), after=2, steps=1)
+    window.begin(10)
+    torch.randn(32, 32) @ torch.randn(32, 32)
+    rows = window.end(11)
+    assert window.first == 10 and rows and any(r["category"] == "matmul" for r in rows)
+    window.close()  # already closed: nothing to do
