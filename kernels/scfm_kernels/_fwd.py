@@ -59,17 +59,23 @@ def exp2_ftz(z):
 
 
 @triton.jit
+def recip_seed(d):
+    """1/d to a relative error of 0.051 for d ≥ 1, from d's bits (magic − bits(d)): no special-function op."""
+    return (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     """(p, e) with p = sigmoid(x) = 1 / (1 + e), e = 2^z, given z = −x·log2 e (clamped at 120, so a huge z gives
     p ≈ 1e-36, not NaN). 1 − p = e·p keeps its relative accuracy as p → 1, where 1 − p itself would cancel: the
     backward's P(1 − P) is p·(e·p).
 
     Default (SIG=1): one flush-to-zero ex2 (`exp2_ftz`) and a reciprocal on the FMA pipe: bit-trick seed
-    y₀ = magic − bits(d), d = 1 + e (relative error t ≤ 0.051), then one third-order step y = y₀(1 + t + t²) in
+    y₀ = `recip_seed`(d), d = 1 + e (relative error t ≤ 0.051), then one third-order step y = y₀(1 + t + t²) in
     three FMAs (relative error t³ ≤ 1.3e-4: under half an fp16 ulp, a thirtieth of a bf16 ulp; every weight is
     rounded to 16 bits for the next product anyway). Per score: one special-function op and six FMA-pipe issues.
-    Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over SIG=0, the run-10 kernels' non-ftz
-    ex2 (with ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6). Moving the clamp onto
+    Measured on the H200 (docs/benchmarks.md, run 11): forward +5.6% over the run-10 kernels' non-ftz ex2 (with
+    ptxas's subnormal handling) and two Newton steps (relative error ≤ 7.2e-6; removed). Moving the clamp onto
     d's integer bits (one FMA-pipe issue fewer) measured 5% slower and was removed.
     SIG=3 (the forward's choice for bfloat16, `_common.sigmoid_mode`; the backward keeps SIG=1): the same seed
     taken of d/c and one Newton step, y(2 − (d/c)y): four FMA-pipe issues instead of six. A Newton step always
@@ -82,23 +88,17 @@ def sigmoid_parts(z, EXACT_DIV: tl.constexpr = False, SIG: tl.constexpr = 1):
     if EXACT_DIV:
         e = tl.exp2(z)
         p = tl.math.div_rn(1.0, 1.0 + e)
-    elif SIG == 1:
-        e = exp2_ftz(z)
-        d = 1.0 + e
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        t = 1.0 - d * y
-        p = y + y * (t + t * t)
     elif SIG == 3:
         e = exp2_ftz(z)
         d = e * 0.99872463 + 0.99872463  # (1 + e) / c
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        y = recip_seed(d)
         p = y * (2.0 - d * y)
     else:
-        e = tl.exp2(z)
+        e = exp2_ftz(z)
         d = 1.0 + e
-        y = (0x7EF311C3 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        y = y * (2.0 - d * y)
-        p = y * (2.0 - d * y)
+        y = recip_seed(d)
+        t = 1.0 - d * y
+        p = y + y * (t + t * t)
     return p, e
 
 
