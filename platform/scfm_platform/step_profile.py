@@ -25,7 +25,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         ("attention fwd (sigmoid)", r"_fwd_kernel"),
         ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel"),
-        ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention|efficient_attention"),
+        ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention"),
         ("optimizer", r"adam|multi_tensor|foreach"),
         ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),
         ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|wgmma|aten::(?:mm|addmm|bmm|linear|matmul)\b"),
@@ -46,12 +46,13 @@ def category(name: str) -> str:
 def profile_step(step: Callable[[], object], steps: int, device: torch.device) -> list[dict[str, float | str]]:
     """Run `step` `steps` times under the profiler; per kernel (CUDA) or op (CPU, self time): milliseconds per
     step, calls per step and category, longest first."""
-    with profile(activities=_activities(device)) as prof:
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return _rows(prof, steps, device)
+    window = StepWindow(device, after=0, steps=steps)
+    rows = None
+    for done in range(steps):
+        window.begin(done)
+        step()
+        rows = window.end(done + 1)
+    return rows or []
 
 
 class StepWindow:
