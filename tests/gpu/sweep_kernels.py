@@ -86,17 +86,13 @@ FWD = {
 }
 DKDV = {  # BLOCK_M queries x BLOCK_N keys; the backward's sigmoid is SIG 1 (run 12: SIG 3 cost accuracy, no speed)
     "tma 64x128 w8 s3": C(64, 128, 8, 3, sig=1),
+    "tma 64x128 w8 s4": C(64, 128, 8, 4, sig=1),
     "tma 64x64 w4 s2": C(64, 64, 4, 2, sig=1),
-    # Triton's warp specialization of the query loop (a producer warp for the loads, mbarriers for the stages).
-    "tma 64x128 w8 s3 ws": C(64, 128, 8, 3, ws=True, sig=1),
-    "tma 64x128 w8 s2 ws": C(64, 128, 8, 2, ws=True, sig=1),
 }
 DQ = {
     "tma 128x64 w8 s3": C(128, 64, 8, 3, sig=1),
     "tma 128x64 w8 s4": C(128, 64, 8, 4, sig=1),
-    "tma 128x64 w8 s3 ws": C(128, 64, 8, 3, ws=True, sig=1),
-    "tma 128x64 w8 s2 ws": C(128, 64, 8, 2, ws=True, sig=1),
-    "tma 128x128 w8 s2 ws": C(128, 128, 8, 2, ws=True, sig=1),
+    "tma 128x128 w8 s2": C(128, 128, 8, 2, sig=1),
 }
 ONEPASS = {  # deterministic=False: the dK/dV kernel also adds dQ (no dQ kernel)
     "reduce 64x128 w8 s3": {**C(64, 128, 8, 3, sig=1), "ATOMIC_DQ": 2},
