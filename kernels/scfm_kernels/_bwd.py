@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import AUTOTUNE, INTERPRET, block_d, dot_mode, len_bucket, new_output, set_descriptor_allocator, tma_ok
+from ._common import (
+    AUTOTUNE,
+    INTERPRET,
+    block_d,
+    dot_mode,
+    ds_scratch_bytes,
+    len_bucket,
+    new_output,
+    set_descriptor_allocator,
+    tma_ok,
+)
 from ._fwd import LOG2E, mma, seq_bounds, sigmoid_parts
 
 
@@ -103,7 +113,7 @@ def _dq_block(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQA, SEQ, BIAS,
+    Q, K, V, DO, DK, DV, DQA, DS, SEQ, BIAS,
     neg_scale_log2e, scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -112,14 +122,15 @@ def _dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_dqab, stride_dqat, stride_dqah,
-    T_MAX, HK,
+    stride_dsh, stride_dsn,
+    T_MAX, HK, PAIR0,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1,
+    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + PAIR0  # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
     b = (pid_bh // HK).to(tl.int64)
     hk = pid_bh % HK
     start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
@@ -162,10 +173,23 @@ def _dkdv_kernel(
                     dqa_base, shape=[tl.maximum(n, 1), HEAD_DIM], strides=[stride_dqat, 1],
                     block_shape=[BLOCK_M, BLOCK_D],
                 )  # fmt: skip
+            if STORE_DS != 0:
+                # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's buffer (see `_dq_ds_kernel`).
+                ds_base = DS + (tl.program_id(1) * GROUP + g).to(tl.int64) * stride_dsh
+                ds_ptrs = ds_base + offs_n.to(tl.int64)[:, None] * stride_dsn + offs_m[None, :]
+                if STORE_DS == 2:
+                    ds_desc = tl.make_tensor_descriptor(
+                        ds_base, shape=[stride_dsn, stride_dsn], strides=[stride_dsn, 1],
+                        block_shape=[BLOCK_N, BLOCK_M],
+                    )  # fmt: skip
             for start_m in range(0, n_rows, BLOCK_M):
                 q = q_desc.load([start_m, 0])
                 do = do_desc.load([start_m, 0])
                 dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
+                if STORE_DS == 1:
+                    tl.store(ds_ptrs + start_m, dsT)
+                elif STORE_DS == 2:
+                    ds_desc.store([pid_n * BLOCK_N, start_m], dsT)
                 if ATOMIC_DQ != 0:
                     # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
                     # is added into a float32 accumulator; the order of the additions varies run to run.
@@ -282,6 +306,53 @@ def _dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & mask_d[None, :])
 
 
+@triton.jit
+def _dq_ds_kernel(
+    DS, K, DQ, SEQ,
+    scale,
+    stride_dsh, stride_dsn,
+    stride_kb, stride_kt, stride_kh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T_MAX, H, PAIR0,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
+):  # fmt: skip
+    """dQ = scale · dS K from the dSᵀ the dK/dV kernel stored (STORE_DS): one product per tile pair, no sigmoid.
+    One program per (query block, query head of the launch's pairs); reads dSᵀ through a descriptor bounded to
+    the sequence's n × n corner, so nothing the dK/dV kernel did not write is ever read."""
+    pid_m = tl.program_id(0)
+    local = tl.program_id(1)  # query head within the launch: its buffer slice
+    bh = PAIR0 * GROUP + local  # b · H + h
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // GROUP
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    n_desc = tl.maximum(n, 1)
+    ds_desc = tl.make_tensor_descriptor(
+        DS + local.to(tl.int64) * stride_dsh, shape=[n_desc, n_desc], strides=[stride_dsn, 1],
+        block_shape=[BLOCK_N, BLOCK_M],
+    )  # fmt: skip
+    k_desc = tl.make_tensor_descriptor(
+        K + b * stride_kb + start * stride_kt + hk * stride_kh,
+        shape=[n_desc, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D],
+    )  # fmt: skip
+    start_m = pid_m * BLOCK_M
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, tl.where(start_m < n, n, 0), BLOCK_N):
+        dsT = ds_desc.load([start_n, start_m])
+        k = k_desc.load([start_n, 0])
+        dq = mma(tl.trans(dsT), k, dq, DOT_MODE)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dq = tl.where((offs_m < n)[:, None], dq * scale, 0.0)
+    store_rows = offs_m < n if VARLEN else offs_m < T_MAX
+    dq_ptrs = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
+    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
 def _dkdv_configs() -> list[triton.Config]:
     # Run 11 (H200, D=128, L=8K, with the ftz/third-order sigmoid): 64x128 w8 s3 414 TFLOPS (whole backward),
     # s2 388; a software-pipelined query loop (tried in run 11, removed) spilled registers at 64x128 (50 and 108
@@ -306,6 +377,16 @@ def _dq_configs() -> list[triton.Config]:
     ]
 
 
+def _dq_ds_configs() -> list[triton.Config]:
+    # A streamed product (one 16-bit dS read per pair, no sigmoid): deep pipelines, bandwidth-bound at D <= 128.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    ]
+
+
 def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if bd is not None and bd >= 256:
@@ -321,7 +402,7 @@ _dkdv_tuned = (
     if INTERPRET
     else triton.autotune(
         _dkdv_configs(),
-        key=[*_BWD_KEY, "ATOMIC_DQ"],
+        key=[*_BWD_KEY, "ATOMIC_DQ", "STORE_DS"],
         prune_configs_by={"early_config_prune": _prune_bwd},
         reset_to_zero=["DQA"],  # the one-pass kernel adds into DQA: each timing launch must start from zero
     )(_dkdv_kernel)
@@ -331,6 +412,48 @@ _dq_tuned = (
     if INTERPRET
     else triton.autotune(_dq_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(_dq_kernel)
 )
+_dq_ds_tuned = (
+    None
+    if INTERPRET
+    else triton.autotune(
+        _dq_ds_configs(),
+        key=["HEAD_DIM", "GROUP", "DOT_MODE", "VARLEN", "LEN_BUCKET"],
+        prune_configs_by={"early_config_prune": _prune_bwd},
+    )(_dq_ds_kernel)
+)
+
+DQ_PATHS = ("stored", "recompute", "one_pass")
+_DS_BLOCK = 128  # the stored dSᵀ is [T_DS, T_DS] per query head, T_DS the padded length rounded up to this
+
+
+def ds_rows(t_max: int) -> int:
+    """T_DS: rows (and columns) of one query head's stored dSᵀ; a multiple of every key and query block size."""
+    return triton.cdiv(max(t_max, 1), _DS_BLOCK) * _DS_BLOCK
+
+
+def pick_dq_path(
+    deterministic: bool, use_tma: bool, group: int, t_max: int, element_size: int, budget: int
+) -> tuple[str, int]:
+    """(path, pairs per launch) for the backward's dQ: "one_pass" when deterministic=False on tensor-descriptor
+    hardware; "stored" when one (batch, key head) pair's dSᵀ (group · T_DS² 16-bit values) fits the scratch
+    budget (`_common.ds_scratch_bytes`); else "recompute". Pairs per launch: how many pairs' dSᵀ fit at once."""
+    if not use_tma:
+        return "recompute", 0
+    if not deterministic:
+        return "one_pass", 0
+    pairs = budget // (group * ds_rows(t_max) ** 2 * element_size)
+    return ("stored", pairs) if pairs >= 1 else ("recompute", 0)
+
+
+def _launch(kernel, tuned, config: dict | None, grid, args: tuple, meta: dict) -> None:
+    """One launch with a fixed config (benchmarks, the interpreter) or through the autotuner. grid(m) gives the
+    grid from the block sizes in m; the benchmark-only keys of a fixed config were applied by the caller."""
+    if config is not None:
+        known = {*kernel.arg_names, "num_warps", "num_stages"} - {"USE_TMA", "ATOMIC_DQ", "STORE_DS"}
+        config = {k: v for k, v in config.items() if k in known}  # SIG may override meta's (sweeps)
+        kernel[grid(config)](*args, **{**meta, **config})
+    else:
+        tuned[grid](*args, **meta)
 
 
 def attention_backward(
@@ -346,12 +469,23 @@ def attention_backward(
     dkdv_config: dict | None = None,
     dq_config: dict | None = None,
     deterministic: bool = True,
+    dq_path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the dK/dV and dQ kernels; layouts as in `attention_forward`. Returns (dq, dk, dv).
-    deterministic=False (16-bit inputs on tensor-descriptor hardware, else ignored): one pass, the dK/dV
-    kernel also adds each pair's dQ share into a float32 buffer with atomics (5 tile products per score pair
-    instead of 7; the summation order, and so the last bits of dQ, vary between runs).
-    dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`."""
+    """Launches the backward kernels; layouts as in `attention_forward`. Returns (dq, dk, dv).
+
+    How dQ is formed (`pick_dq_path` unless dq_path names one of DQ_PATHS; paths other than "recompute" need
+    16-bit inputs on tensor-descriptor hardware and fall back to it elsewhere):
+      "stored" (deterministic default): the dK/dV kernel also writes each pair's dSᵀ (16-bit, the values the
+          dQ product rounds to anyway) into a scratch buffer of at most `_common.ds_scratch_bytes()` (pairs of
+          (batch, key head) in turns when they do not all fit), and `_dq_ds_kernel` streams it once against K:
+          5 tile products per score pair plus one streamed product, no second sigmoid; deterministic;
+      "recompute": the dQ kernel recomputes S, P and dP (7 products per pair), no scratch;
+      "one_pass" (deterministic=False): the dK/dV kernel adds each pair's dQ share into a float32 buffer with
+          atomics (5 products; the summation order, and so the last bits of dQ, vary between runs).
+    dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`;
+    dq_config is the launch of whichever dQ kernel runs. Benchmark-only keys: USE_TMA=False (pointer loads,
+    "recompute" only), ATOMIC_DQ 1 (element atomics) or 2 (bulk reduce, default) for "one_pass", STORE_DS 1
+    (pointer stores, default) or 2 (descriptor stores) for "stored"."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     if varlen:
@@ -361,47 +495,62 @@ def attention_backward(
         B = q.shape[0]
     _, T, H, D = q.shape
     HK = k.shape[2]
+    G = H // HK
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     t_max = max_seqlen if varlen else T
-    s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
     use_tma = tma_ok(q, k, v, do)
     if use_tma:
         set_descriptor_allocator()
-    meta = dict(GROUP=H // HK, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
+    path, chunk = pick_dq_path(deterministic, use_tma, G, t_max, q.element_size(), ds_scratch_bytes(q.device))
+    if dq_path is not None:
+        if dq_path not in DQ_PATHS:
+            raise ValueError(f"dq_path={dq_path!r}: expected one of {DQ_PATHS}")
+        if use_tma or dq_path == "recompute":
+            path, chunk = dq_path, chunk if dq_path == "stored" else 0
+        if path == "stored" and chunk < 1:
+            chunk = 1  # asked for explicitly: one pair at a time even past the budget
+    kcfg = dict(dkdv_config) if dkdv_config else None
+    qcfg = dict(dq_config) if dq_config else None
+    fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
+    meta = dict(GROUP=G, HEAD_DIM=D, BLOCK_D=block_d(D), VARLEN=varlen, DOT_MODE=dot_mode(q.dtype))
     meta["LEN_BUCKET"] = len_bucket(t_max)
     # The backward keeps the third-order reciprocal for every dtype: with the forward's centred Newton step
     # (SIG=3) its gradients' error against float64 rose 2.35e-3 -> 2.99e-3 for no speed (H200, run 12).
-    meta["SIG"] = 1
-    one_pass = not deterministic and use_tma
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if one_pass else dq
-    dkdv_args = (q, k, v, do, dk, dv, dq_acc, seq, bias_B, -scale * LOG2E, scale, *s_in)
-    dkdv_args += (*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), t_max, HK)
-    dq_args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
-    fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
-    # Bulk tensor reduce (ATOMIC_DQ=2) on the GPU; the interpreter has no descriptor reduce: element atomics.
-    atomic_dq = (1 if INTERPRET else 2) if one_pass else 0
-    launches = [(_dkdv_kernel, _dkdv_tuned, dkdv_args, dkdv_config or fixed, HK, "BLOCK_N", atomic_dq)]
-    if not one_pass:
-        launches.append((_dq_kernel, _dq_tuned, dq_args, dq_config or fixed, H, "BLOCK_M", None))
-    for kernel, tuned, args, cfg, heads, blk, atomic in launches:
-        extra = {} if atomic is None else {"ATOMIC_DQ": atomic}
-        if cfg is not None:
-            cfg = dict(cfg)
-            # The one-pass dQ lives on the descriptor path only.
-            tma = use_tma if atomic else cfg.pop("USE_TMA", True) and use_tma
-            cfg.pop("USE_TMA", None)
-            if atomic and "ATOMIC_DQ" in cfg and not INTERPRET:  # benchmarks: element atomics (1), bulk reduce (2)
-                extra["ATOMIC_DQ"] = cfg.pop("ATOMIC_DQ")
-            cfg.pop("ATOMIC_DQ", None)
-            cfg.pop("WS", None)  # forward-only option
-            kernel[(triton.cdiv(t_max, cfg[blk]), B * heads)](*args, **{**meta, **cfg, **extra, "USE_TMA": tma})
-        else:
-            tuned[lambda m, blk=blk, heads=heads: (triton.cdiv(t_max, m[blk]), B * heads)](
-                *args, **meta, **extra, USE_TMA=use_tma
-            )
-    if one_pass:
+    kmeta = dict(meta, SIG=1, ATOMIC_DQ=0, STORE_DS=0)
+    kmeta["USE_TMA"] = use_tma and (path != "recompute" or (kcfg or {}).get("USE_TMA", True))
+    if path == "one_pass":
+        # Bulk tensor reduce (2) on the GPU; the interpreter has no descriptor reduce: element atomics (1).
+        kmeta["ATOMIC_DQ"] = 1 if INTERPRET else (kcfg or {}).get("ATOMIC_DQ", 2)
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = dq  # not read
+    pairs = B * HK
+    if path == "stored":
+        kmeta["STORE_DS"] = (kcfg or {}).get("STORE_DS", 1)
+        chunk = min(chunk, pairs)
+        t_ds = ds_rows(t_max)
+        ds = new_output((chunk * G, t_ds, t_ds), q.dtype, q.device)
+    else:
+        chunk, ds = pairs, dq_acc
+    s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
+    s_out = [*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), ds.stride(0), ds.stride(1)]
+    for pair0 in range(0, pairs, chunk):
+        c = min(chunk, pairs - pair0)
+        args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0)
+        grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
+        _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
+        if path == "stored":
+            args = (ds, k, dq, seq, scale, ds.stride(0), ds.stride(1), *_bth(k, varlen), *_bth(dq, varlen))
+            grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_M"]), c * G)  # noqa: E731
+            _launch(_dq_ds_kernel, _dq_ds_tuned, qcfg or fixed, grid, (*args, t_max, H, pair0), meta)
+    if path == "recompute":
+        args = (q, k, v, do, dq, seq, bias_B, -scale * LOG2E, scale, *s_in, *_bth(dq, varlen), t_max, H)
+        qmeta = dict(meta, SIG=1, USE_TMA=use_tma and (qcfg or {}).get("USE_TMA", True))
+        grid = lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)  # noqa: E731
+        _launch(_dq_kernel, _dq_tuned, qcfg or fixed, grid, args, qmeta)
+    if path == "one_pass":
         dq = (dq_acc * scale).to(q.dtype)
     if varlen:
         return dq[0], dk[0], dv[0]

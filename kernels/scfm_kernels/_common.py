@@ -62,6 +62,24 @@ def tma_ok(*ts: torch.Tensor) -> bool:
     return INTERPRET or (ts[0].is_cuda and torch.cuda.get_device_capability(ts[0].device)[0] >= 9)
 
 
+def ds_scratch_bytes(device: torch.device) -> int:
+    """Bytes the backward may hold for its stored dSᵀ (`_bwd.attention_backward`, path "stored"):
+    SCFM_KERNELS_DS_SCRATCH_MIB if set (0 turns the stored path off), else 1/16 of the GPU's memory (8.8 GB on
+    an H200); 256 MiB under the CPU interpreter."""
+    env = os.environ.get("SCFM_KERNELS_DS_SCRATCH_MIB")
+    if env is not None:
+        try:
+            mib = float(env)
+        except ValueError:
+            raise ValueError(
+                f"SCFM_KERNELS_DS_SCRATCH_MIB={env!r}: expected a number of MiB (0 turns it off)"
+            ) from None
+        return max(0, int(mib * 2**20))
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 16
+    return 256 * 2**20
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 

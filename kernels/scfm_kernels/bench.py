@@ -4,8 +4,10 @@
         # a subset: D = 128 dense at 8K and 16K, with SDPA but without TritonSigmoid
 
 Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 2048 / D, dense and 25% / 50%
-padded (lengths uniform in [L(1 − p), L]). `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False). TFLOPS use the FlashAttention convention: 4·B·H·L²·D forward,
-2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
+padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
+fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS_SCRATCH_MIB=0, no scratch);
+`ours_bwd_1p`: the opt-in one-pass backward (deterministic=False). TFLOPS use the FlashAttention convention:
+4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
 TritonSigmoid (the `triton_sigmoid` package, when importable). Also measures the exact sigmoid against the
 hardware-tanh form: error at realistic logits and forward speed.
@@ -14,6 +16,7 @@ hardware-tanh form: error at realistic logits and forward speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,6 +31,20 @@ from . import _bwd, _fwd, sigmoid_attention
 from ._fwd import attention_forward, sigmoid_from_log2
 
 Row = dict[str, object]
+
+
+@contextlib.contextmanager
+def _scratch_mib(value: str):
+    """SCFM_KERNELS_DS_SCRATCH_MIB=value inside the block (the backward reads it at every call)."""
+    old = os.environ.get("SCFM_KERNELS_DS_SCRATCH_MIB")
+    os.environ["SCFM_KERNELS_DS_SCRATCH_MIB"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SCFM_KERNELS_DS_SCRATCH_MIB"]
+        else:
+            os.environ["SCFM_KERNELS_DS_SCRATCH_MIB"] = old
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -107,6 +124,9 @@ def run_table(
                     lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False), (q, k, v)
                 )
                 row["ours_bwd_1p"] = _tflops(2.5 * flops, bwd)
+                with _scratch_mib("0"):  # no scratch for dS: the dQ kernel recomputes it (the "recompute" path)
+                    _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
+                row["ours_bwd_rc"] = _tflops(2.5 * flops, bwd)
                 if ts is not None and D in ts_dims:
                     if pad == 0:
                         ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
@@ -139,19 +159,30 @@ def run_table(
     return rows
 
 
-_COLS = ["ours_fwd", "ours_bwd", "ours_bwd_1p", "ts_fwd", "ts_bwd", "cudnn_fwd", "cudnn_bwd", "flash_fwd", "flash_bwd"]
+_COLS = [
+    "ours_fwd",
+    "ours_bwd",
+    "ours_bwd_rc",
+    "ours_bwd_1p",
+    "ts_fwd",
+    "ts_bwd",
+    "cudnn_fwd",
+    "cudnn_bwd",
+    "flash_fwd",
+    "flash_bwd",
+]
 
 
 def _format_row(row: Row) -> str:
     cells = [f"{row['D']:>4}", f"{row['L']:>6}", f"{row['B']:>3}", f"{row['H']:>3}", f"{row['pad']:>5.2f}"]
     cells += [f"{row[c]:>7.0f}" if c in row else f"{'-':>7}" for c in _COLS]
-    for num, den in (("ours_fwd", "ts_fwd"), ("ours_bwd", "ts_bwd"), ("ours_bwd_1p", "ts_bwd")):
+    for num, den in (("ours_fwd", "ts_fwd"), ("ours_bwd", "ts_bwd"), ("ours_bwd", "cudnn_bwd")):
         cells.append(f"{row[num] / row[den]:>6.2f}" if den in row else f"{'-':>6}")
     return " | ".join(cells)
 
 
 HEADER = " | ".join(
-    ["   D", "     L", "  B", "  H", "  pad"] + [f"{c:>7}" for c in _COLS] + ["fwd/ts", "bwd/ts", "1p/ts"]
+    ["   D", "     L", "  B", "  H", "  pad"] + [f"{c:>7}" for c in _COLS] + ["fwd/ts", "bwd/ts", "bwd/cudnn"]
 )
 
 

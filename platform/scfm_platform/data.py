@@ -1,4 +1,5 @@
-"""Where training batches come from: the data service, or a synthetic stream for `data.atlas=synthetic:<cells>`.
+"""Where training batches come from: the data service, or a synthetic stream for `data.atlas=synthetic:<cells>`
+(`synthetic:<cells>:full`: every cell `data.max_len` tokens, for throughput runs without padding).
 
 Batches follow `scfm_data_service.schema`. The synthetic stream (no atlas, deterministic in seed/epoch/step/rank,
 200 genes, binned values) exists for smoke runs and tests of the training machinery only.
@@ -20,9 +21,21 @@ SYNTHETIC_GENES = 200
 
 
 def _synthetic_cells(d: DataConfig) -> int | None:
+    """Cells of `synthetic:<cells>[:full]` (1000 when left out); None for an atlas."""
     if isinstance(d.atlas, str) and d.atlas.startswith(SYNTHETIC):
-        return int(d.atlas[len(SYNTHETIC) :] or 1000)
+        cells, _, rest = d.atlas[len(SYNTHETIC) :].partition(":")
+        if (cells and not cells.isdigit()) or rest not in ("", "full"):
+            raise ValueError(
+                f"data.atlas={d.atlas!r}: expected synthetic:<cells> or synthetic:<cells>:full "
+                "(every cell data.max_len tokens long), e.g. synthetic:2000:full"
+            )
+        return int(cells or 1000)
     return None
+
+
+def _synthetic_full(d: DataConfig) -> bool:
+    """`synthetic:<cells>:full`: every cell `max_len` tokens (no padding), else lengths in [max_len/2, max_len]."""
+    return d.atlas.endswith(":full")
 
 
 def _cells_per_batch(d: DataConfig) -> int:
@@ -74,5 +87,6 @@ def batches(
         key = (d.seed * 1_000_003 + epoch) * 1_000_003 + step * 64 + rank * 2 + (split == "val")
         gen = torch.Generator().manual_seed(key)
         yield synthetic_batch(
-            _cells_per_batch(d), d.max_len, SYNTHETIC_GENES, mask_ratio=d.mask_ratio, n_bins=d.n_bins, generator=gen
-        )
+            _cells_per_batch(d), d.max_len, SYNTHETIC_GENES, mask_ratio=d.mask_ratio, n_bins=d.n_bins,
+            full=_synthetic_full(d), generator=gen,
+        )  # fmt: skip

@@ -5,8 +5,9 @@ $OUT/sweep.json. Shape key: B batch, T padded length, H heads, D head dim.
 Variants are fixed launches through the `config` / `dkdv_config` / `dq_config` arguments of the launchers
 (USE_TMA: tensor-descriptor loads; WS: Triton's warp specialization of the forward key loop; ATOMIC_DQ: the
 opt-in one-pass backward, dQ
-added with element atomics (1) or one bulk tensor reduce per tile (2)). SWEEP_ONLY=fwd, bwd or 1p limits the
-sweep to one part."""
+added with element atomics (1) or one bulk tensor reduce per tile (2); STORE_DS: the stored-dS backward's dSᵀ
+written with pointer (1) or descriptor (2) stores). SWEEP_ONLY=fwd, bwd, 1p or ds limits the sweep to one part;
+the ds part also times cuBLAS on the same streamed product (dSᵀ transposed times K) as a bandwidth reference."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from scfm_kernels._fwd import attention_forward
 # The compiled kernel of each jit function's latest launch, so each variant's machine code can be counted.
 LAST_LAUNCH: dict[str, object] = {}
 KERNEL_OF = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "1p": "_dkdv_kernel", "dq": "_dq_kernel"}
+KERNEL_OF["ds"] = "_dkdv_kernel"  # the stored-dS variants: the dK/dV kernel with its store (the dQ one is small)
 
 
 def _capture(jit_fn) -> None:
@@ -40,7 +42,7 @@ def _capture(jit_fn) -> None:
     jit_fn.run = capturing_run
 
 
-for _fn in (_fwd._fwd_kernel, _bwd._dkdv_kernel, _bwd._dq_kernel):
+for _fn in (_fwd._fwd_kernel, _bwd._dkdv_kernel, _bwd._dq_kernel, _bwd._dq_ds_kernel):
     _capture(_fn)
 
 _SASS_OP = re.compile(r"^[^\t]*\t(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # "--:-:1:-:8\tFFMA R1, ..."
@@ -94,6 +96,24 @@ DQ = {
     "tma 128x64 w8 s4": C(128, 64, 8, 4, sig=1),
     "tma 128x128 w8 s2": C(128, 128, 8, 2, sig=1),
 }
+
+
+def S(store, dkdv, dq):
+    """A stored-dS backward: the dK/dV launch with its dSᵀ store (1 pointer, 2 descriptor) and the dQ-from-dS one."""
+    return {**C(*dkdv, sig=1), "STORE_DS": store}, C(*dq)
+
+
+STORED = {  # dq_path="stored": dK/dV also writes dSᵀ, one streamed product makes dQ (5 + 1 products, not 7)
+    "ptr 64x128 w8 s3 | 128x64 w4 s4": S(1, (64, 128, 8, 3), (128, 64, 4, 4)),
+    "desc 64x128 w8 s3 | 128x64 w4 s4": S(2, (64, 128, 8, 3), (128, 64, 4, 4)),
+    "desc 64x128 w8 s2 | 128x64 w4 s4": S(2, (64, 128, 8, 2), (128, 64, 4, 4)),
+    "ptr 64x128 w8 s2 | 128x64 w4 s4": S(1, (64, 128, 8, 2), (128, 64, 4, 4)),
+    "ptr 64x64 w4 s2 | 128x64 w4 s4": S(1, (64, 64, 4, 2), (128, 64, 4, 4)),
+    "ptr 64x128 w8 s3 | 128x128 w8 s3": S(1, (64, 128, 8, 3), (128, 128, 8, 3)),
+    "ptr 64x128 w8 s3 | 64x128 w4 s4": S(1, (64, 128, 8, 3), (64, 128, 4, 4)),
+    "ptr 64x128 w8 s3 | 128x64 w8 s3": S(1, (64, 128, 8, 3), (128, 64, 8, 3)),
+    "ptr 64x128 w8 s3 | 64x64 w4 s3": S(1, (64, 128, 8, 3), (64, 64, 4, 3)),
+}
 ONEPASS = {  # deterministic=False: the dK/dV kernel also adds dQ (no dQ kernel)
     "reduce 64x128 w8 s3": {**C(64, 128, 8, 3, sig=1), "ATOMIC_DQ": 2},
 }
@@ -118,25 +138,40 @@ def _time_shape(times, checks, label, B, T, H, D, pad, scale) -> None:
         lens.fill_(T)
     bias = -torch.log(lens.float())
     flops = sum(4.0 * H * D * n * n for n in lens.tolist())
-    for name, cfg in FWD.items():
+    for name, cfg in FWD.items() if os.environ.get("SWEEP_ONLY") in (None, "", "fwd") else ():
         if isinstance(checks.get(f"fwd {name}"), list):
             ms = _bench(lambda cfg=cfg: attention_forward(q, k, v, lens, bias, scale, False, T, config=cfg))
             times[f"{label} fwd {name}"] = flops / ms / 1e9
-    if label != "pad4k" and os.environ.get("SWEEP_ONLY") != "fwd":
+    if label != "pad4k" and os.environ.get("SWEEP_ONLY") not in ("fwd", "ds"):
         for name, cfg in ONEPASS.items():
             if isinstance(checks.get(f"1p {name}"), list):
                 kw = dict(dkdv_config=cfg, deterministic=False)
                 ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
                 times[f"{label} bwd[one pass] {name}"] = 2.5 * flops / ms / 1e9
-    if label != "pad4k" and os.environ.get("SWEEP_ONLY") not in ("fwd", "1p"):
+    if os.environ.get("SWEEP_ONLY") in (None, "", "ds"):
+        for name, (kc, qc) in STORED.items():
+            if isinstance(checks.get(f"ds {name}"), list):
+                kw = dict(dkdv_config=kc, dq_config=qc, dq_path="stored")
+                ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
+                times[f"{label} bwd[stored dS] {name}"] = 2.5 * flops / ms / 1e9
+        kw = dict(dkdv_config=DKDV[K0], dq_config=DQ[DQ0], dq_path="recompute")
+        ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
+        times[f"{label} bwd[recompute, same call] {K0} | {DQ0}"] = 2.5 * flops / ms / 1e9
+        if label == "dense8k" and not SMOKE:  # the streamed product through cuBLAS: dQ = (dSᵀ)ᵀ K per head
+            dsT = torch.randn(B * H, T, T, device=DEV, dtype=torch.bfloat16)
+            kh = k.transpose(1, 2).reshape(B * H, T, D)
+            ms = _bench(lambda: torch.bmm(dsT.transpose(1, 2), kh))
+            times[f"{label} cuBLAS streamed product (GB/s of dS read)"] = dsT.numel() * 2 / ms / 1e6
+            del dsT
+    if label != "pad4k" and os.environ.get("SWEEP_ONLY") not in ("fwd", "1p", "ds"):
         for kind, table in (("dkdv", DKDV), ("dq", DQ)):
             for name, cfg in table.items():
                 if not isinstance(checks.get(f"{kind} {name}"), list):
                     continue
                 if kind == "dkdv":
-                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0])
+                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0], dq_path="recompute")
                 else:
-                    kw = dict(dkdv_config=DKDV[K0], dq_config=cfg)
+                    kw = dict(dkdv_config=DKDV[K0], dq_config=cfg, dq_path="recompute")
                 ms = _bench(lambda kw=kw: attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw))
                 times[f"{label} bwd[{kind} varied] {name}"] = 2.5 * flops / ms / 1e9
     for key, val in times.items():
@@ -168,9 +203,9 @@ def main() -> None:
 
     checks: dict[str, object] = {}
     sass: dict[str, dict[str, int]] = {}
-    kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ), ("1p", ONEPASS))
+    kinds = (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ), ("1p", ONEPASS), ("ds", STORED))
     only = os.environ.get("SWEEP_ONLY")
-    picked = {"bwd": kinds[1:], "fwd": kinds[:1], "1p": kinds[3:]}.get(only or "", kinds)
+    picked = {"bwd": kinds[1:3], "fwd": kinds[:1], "1p": kinds[3:4], "ds": kinds[4:]}.get(only or "", kinds)
     for kind, table in picked:
         for name, cfg in table.items():
             try:
@@ -179,11 +214,13 @@ def main() -> None:
                     e = [err(o, refs[0])]
                     e.append(max(o[b, n:].abs().max().item() if n < T else 0.0 for b, n in enumerate(lens.tolist())))
                 else:
-                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0])
+                    kw = dict(dkdv_config=cfg, dq_config=DQ[DQ0], dq_path="recompute")
                     if kind == "1p":
                         kw = dict(dkdv_config=cfg, deterministic=False)
                     if kind == "dq":
-                        kw = dict(dkdv_config=DKDV[K0], dq_config=cfg)
+                        kw = dict(dkdv_config=DKDV[K0], dq_config=cfg, dq_path="recompute")
+                    if kind == "ds":
+                        kw = dict(dkdv_config=cfg[0], dq_config=cfg[1], dq_path="stored")
                     dq, dk, dv = attention_backward(go, q, k, v, lens, bias, scale, False, T, **kw)
                     e = [err(dq, refs[1]), err(dk, refs[2]), err(dv, refs[3])]
                 checks[f"{kind} {name}"] = e

@@ -81,8 +81,10 @@ def test_every_forward_launch_of_the_autotuner_list_is_correct():
 
 
 def test_every_backward_launch_of_the_autotuner_lists_is_correct():
-    """Each dK/dV and dQ config the autotuners may pick, with GQA and padding."""
-    from scfm_kernels._bwd import _dkdv_configs, _dq_configs, attention_backward
+    """Each dK/dV, dQ and dQ-from-dS config the autotuners may pick, with GQA and padding: the stored-dS path
+    (dK/dV configs with the first dQ-from-dS config and the other way round, one (batch, key head) pair per launch
+    for the first pairing) and the recompute path (each dQ config)."""
+    from scfm_kernels._bwd import _dkdv_configs, _dq_configs, _dq_ds_configs, attention_backward
 
     B, T, H, K, D = 3, 2048, 4, 2, 128
     lens = torch.tensor([T, 1, 1000], device="cuda", dtype=torch.int32)
@@ -91,19 +93,46 @@ def test_every_backward_launch_of_the_autotuner_lists_is_correct():
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     out = sk.sigmoid_attention_reference(q64, k64, v64, lens)
     refs = torch.autograd.grad(out, (q64, k64, v64), go.double())
-    dkdv_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dkdv_configs()]
-    dq_launch = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in _dq_configs()]
-    # Each dK/dV config with the first dQ config, then each dQ config with the first dK/dV config.
-    pairs = [(c, dq_launch[0]) for c in dkdv_launch] + [(dkdv_launch[0], c) for c in dq_launch[1:]]
-    for dkdv_cfg, dq_cfg in pairs:
-        got = attention_backward(
-            go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, dkdv_config=dkdv_cfg, dq_config=dq_cfg
-        )
+
+    def launches(configs):
+        return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+
+    dkdv, dq, dq_ds = launches(_dkdv_configs()), launches(_dq_configs()), launches(_dq_ds_configs())
+    runs = [(c, dq_ds[0], "stored") for c in dkdv] + [(dkdv[0], c, "stored") for c in dq_ds[1:]]
+    runs += [(dkdv[0], c, "recompute") for c in dq]
+    for i, (dkdv_cfg, dq_cfg, path) in enumerate(runs):
+        budget = "16" if i == 0 else None  # 16 MiB: one pair (2 heads x 2048^2 x 2 bytes) per launch
+        with pytest.MonkeyPatch.context() as mp:
+            if budget:
+                mp.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", budget)
+            got = attention_backward(
+                go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T,
+                dkdv_config=dkdv_cfg, dq_config=dq_cfg, dq_path=path,
+            )  # fmt: skip
+        what = f"{path}: dkdv {dkdv_cfg}, dq {dq_cfg}"
         for name, t, ref in zip(("dq", "dk", "dv"), got, refs):
             err = _relerr(t, ref)
-            assert err < TOL[torch.bfloat16], f"{name} with dkdv {dkdv_cfg}, dq {dq_cfg}: relative error {err:.2e}"
+            assert err < TOL[torch.bfloat16], f"{name} with {what}: relative error {err:.2e}"
             for b, n in enumerate(lens.tolist()):
-                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0 ({dkdv_cfg}, {dq_cfg})"
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0 ({what})"
+
+
+def test_stored_and_recomputed_dq_agree_under_the_autotuner(monkeypatch):
+    """The default (stored dS, autotuned, bounded scratch) against the recompute path: same dQ to bf16 rounding."""
+    from scfm_kernels import _bwd
+
+    monkeypatch.setattr(_bwd, "AUTOTUNE", True)
+    monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "40")  # 40 MiB: 2 of the 6 pairs per launch
+    B, T, H, K, D = 3, 2048, 4, 2, 128
+    lens = torch.tensor([T, 700, 1500], device="cuda", dtype=torch.int32)
+    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    args = (go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T)
+    stored = _bwd.attention_backward(*args)
+    recomputed = _bwd.attention_backward(*args, dq_path="recompute")
+    for name, a, b in zip(("dq", "dk", "dv"), stored, recomputed):
+        err = _relerr(a, b.double())
+        assert err < 1e-2, f"{name}: stored vs recompute relative difference {err:.2e}"
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,70 @@ def test_one_pass_backward_packed_and_float32_fallback():
 
 
 @interpret_only
+@pytest.mark.parametrize(("mib", "pairs_per_launch"), [(None, 6), ("0.07", 1), ("0", None)])
+def test_backward_dq_paths_match_float64(mib, pairs_per_launch, monkeypatch):
+    """The deterministic backward's dQ, bf16, GQA, lengths 1, T and ragged: from the stored dSᵀ with every
+    (batch, key head) pair in one launch (the default budget), one pair per launch (a 0.07 MiB budget holds one
+    pair's 2 × 128² values), and recomputed (budget 0, no scratch buffer). The scratch buffer is poisoned with NaN
+    like every output, so a dSᵀ tile read before it was written fails the comparison."""
+    from scfm_kernels import _bwd
+
+    if mib is None:
+        monkeypatch.delenv("SCFM_KERNELS_DS_SCRATCH_MIB", raising=False)
+    else:
+        monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", mib)
+    made = []
+
+    def recording(shape, dtype, device):
+        made.append(tuple(shape))
+        return _common.new_output(shape, dtype, device)
+
+    monkeypatch.setattr(_bwd, "new_output", recording)
+    _check_padded(3, 37, 4, 2, 48, torch.bfloat16, _lens(3, 37))
+    scratch = [s for s in made if len(s) == 3]  # [pairs per launch x group, T_DS, T_DS]
+    if pairs_per_launch is None:
+        assert scratch == []
+    else:
+        assert scratch == [(pairs_per_launch * 2, 128, 128)]
+
+
+def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
+    from scfm_kernels._bwd import ds_rows, pick_dq_path
+
+    assert ds_rows(1) == 128 and ds_rows(128) == 128 and ds_rows(8000) == 8064
+    one_pair = 2 * 8064**2 * 2  # group 2, T_DS 8064, 2-byte values
+    assert pick_dq_path(True, True, 2, 8000, 2, 5 * one_pair) == ("stored", 5)
+    assert pick_dq_path(True, True, 2, 8000, 2, one_pair - 1) == ("recompute", 0)
+    assert pick_dq_path(True, False, 2, 8000, 2, 5 * one_pair) == ("recompute", 0)  # no descriptors (float32)
+    assert pick_dq_path(False, True, 2, 8000, 2, 5 * one_pair) == ("one_pass", 0)
+    monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "1.5")
+    assert _common.ds_scratch_bytes(torch.device("cpu")) == 3 * 2**19
+    monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "lots")
+    with pytest.raises(ValueError, match=r"SCFM_KERNELS_DS_SCRATCH_MIB='lots': expected a number of MiB"):
+        _common.ds_scratch_bytes(torch.device("cpu"))
+
+
+@interpret_only
+def test_stored_dq_path_handles_packed_sequences(monkeypatch):
+    """Packed bf16 sequences (lengths 1, T, 0, ragged), one pair per launch: varlen equals the float64 oracle."""
+    monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "0.04")
+    T, H, K, D = 30, 2, 2, 32
+    lens = torch.tensor([1, T, 0, 17], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    N = int(cu[-1])
+    q, k, v = (_rand(N, H, D, dtype=torch.bfloat16), _rand(N, K, D, dtype=torch.bfloat16),
+               _rand(N, K, D, dtype=torch.bfloat16))  # fmt: skip
+    out = sk.sigmoid_attention_varlen(q, k, v, cu, T)
+    go = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), go))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_varlen_reference(q64, k64, v64, cu, T)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _relerr(g, w) < TOL[torch.bfloat16], name
+
+
+@interpret_only
 def test_varlen_equals_padded_and_reference():
     T, H, K, D = 40, 2, 1, 32
     lens = torch.tensor([1, T, 0, 23], dtype=torch.int32)

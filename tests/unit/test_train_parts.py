@@ -97,6 +97,19 @@ def test_synthetic_stream_resumes_mid_epoch_and_is_rank_disjoint():
     assert not torch.equal(other["gene_ids"], full[0]["gene_ids"])
 
 
+def test_synthetic_full_stream_has_no_padding_and_bad_specs_are_named():
+    d = load_config(None, ["data.atlas=synthetic:300:full", "data.max_len=32", "data.tokens_per_batch=256"]).data
+    assert data.steps_per_epoch(d, 1) == int(300 * (1 - d.val_fraction)) // 8
+    lens = torch.cat([b["seq_lens"] for b in list(data.batches(d, rank=0, world_size=1, epoch=0))[:5]])
+    assert torch.all(lens == 32)
+    mixed = _cfg("data.max_len=32", "data.tokens_per_batch=256").data
+    assert (next(data.batches(mixed, rank=0, world_size=1, epoch=0))["seq_lens"] < 32).any()
+    for bad in ("synthetic:300:ful", "synthetic:lots"):
+        d = load_config(None, [f"data.atlas={bad}"]).data
+        with pytest.raises(ValueError, match=r"expected synthetic:<cells> or synthetic:<cells>:full"):
+            data.steps_per_epoch(d, 1)
+
+
 def test_logger_survives_a_missing_server():
     from scfm_platform.tracking import RunLogger
 
