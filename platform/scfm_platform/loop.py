@@ -31,7 +31,7 @@ from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
 from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
 from scfm_platform.objective import masked_loss
-from scfm_platform.step_profile import StepWindow, format_profile
+from scfm_platform.step_profile import StepWindow, format_profile, phase
 
 
 def train_loop(payload: dict[str, Any]) -> None:
@@ -66,26 +66,30 @@ def train_loop(payload: dict[str, Any]) -> None:
     window = StepWindow(device, cfg.train.profile_after, cfg.train.profile_steps if rank == 0 else 0)
     while state.step < end:
         window.begin(state.step)
-        t_ask = time.perf_counter()
-        epoch, pos, batch = next(stream)
-        timer.data_ready(t_ask)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
-        loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
-        engine.backward(loss)
-        gnorm, per_layer = grad_norms(engine, groups)
-        n_masked = int(batch[schema.MASK].sum())
-        obj = cfg.model.objective
-        binned = obj != "gene" and dims.value_encoding == "binned"
-        flops = batch_flops(dims, batch[schema.SEQ_LENS], n_masked, gene_head=obj != "value", binned_value=binned)
-        lens = batch[schema.SEQ_LENS]
-        asked = float(stop_file is not None and stop_file.exists())  # driver got SIGINT/SIGTERM
-        # A Ray Train report is a collective of every worker and costs about a second, so rank 0 decides by the
-        # clock when one is due and the decision travels in this all-reduce (every rank reports at the same step).
-        due = float(rank == 0 and time.monotonic() - last_report >= cfg.train.report_every_s)
-        sums = _all_sum(
-            [loss.item(), lens.sum().item(), len(lens), flops, *(v.item() for v in parts.values()), due, asked]
-        )
+        with phase("data"):
+            t_ask = time.perf_counter()
+            epoch, pos, batch = next(stream)
+            timer.data_ready(t_ask)
+            # Counted on the host copy: no device sync for them.
+            lens, n_masked = batch[schema.SEQ_LENS], int(batch[schema.MASK].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with phase("forward"):
+            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
+            loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
+        with phase("backward"):
+            engine.backward(loss)
+        with phase("grad norms, loss sync"):
+            gnorm, per_layer = grad_norms(engine, groups)
+            obj = cfg.model.objective
+            binned = obj != "gene" and dims.value_encoding == "binned"
+            flops = batch_flops(dims, lens, n_masked, gene_head=obj != "value", binned_value=binned)
+            asked = float(stop_file is not None and stop_file.exists())  # driver got SIGINT/SIGTERM
+            # A Ray Train report is a collective of every worker and costs about a second, so rank 0 decides by
+            # the clock when one is due and the decision travels in this all-reduce (every rank reports at the
+            # same step).
+            due = float(rank == 0 and time.monotonic() - last_report >= cfg.train.report_every_s)
+            losses = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]).tolist()
+            sums = _all_sum([losses[0], float(lens.sum()), len(lens), flops, *losses[1:], due, asked])
         interrupted = sums.pop() > 0  # summed over ranks: all of them stop at the same step
         report_due = sums.pop() > 0
         loss_mean = sums[0] / world
@@ -95,37 +99,40 @@ def train_loop(payload: dict[str, Any]) -> None:
             _stop(state, reason, log)
             return
         lr = engine.get_lr()[0]
-        engine.step()
+        with phase("optimizer step"):
+            engine.step()
         state = TrainState(state.step + 1, epoch, pos)
         if joinid_log is not None:  # which cells this optimizer step trained on (exactly-once checks)
             joinid_log.parent.mkdir(parents=True, exist_ok=True)
             with joinid_log.open("a") as f:
                 f.write(json.dumps({"step": state.step, "epoch": epoch, "ids": batch[schema.SOMA_JOINID].tolist()}))
                 f.write("\n")
-        dt, wait = timer.lap()
-        wait, peak_mem = _all_reduce([wait, peak_memory_bytes(device)], dist.ReduceOp.MAX)
-        worst = max(per_layer, key=per_layer.get)
-        metrics = {
-            "step": state.step, "epoch": epoch, "loss": loss_mean, "lr": lr, "grad_norm": gnorm,
-            "grad_norm_max_layer": per_layer[worst], "grad_norm_max_layer_index": list(per_layer).index(worst),
-            "tokens_per_s": sums[1] / dt, "tokens_per_s_per_worker": sums[1] / dt / world, "cells_per_s": sums[2] / dt,
-            "mfu": sums[3] / dt / peak, "data_wait_frac": wait, "peak_mem_gib": peak_mem / GIB, "step_time_s": dt,
-            "total_steps": total, "grad_norm_spikes": guard.spikes,
-        }  # fmt: skip
-        metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
-        if cfg.train.val_every and state.step % cfg.train.val_every == 0:
-            metrics["val_loss"] = _validate(engine, cfg, rank, world, device)
-        if rank == 0 and cfg.eval.every and state.step % cfg.eval.every == 0:
-            metrics.update(_evaluate(engine, cfg))
-        save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
-        save = save or interrupted
-        if log is not None:
-            log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
-        every = cfg.train.log_every and state.step % cfg.train.log_every == 0
-        if save or report_due or every or "val_loss" in metrics or state.step == 1:
-            _report(engine, metrics, state, rank, save)
-            last_report = time.monotonic()
-        timer.lap()  # validation and checkpoint time is not the next step's
+        with phase("metrics, reports"):
+            dt, wait = timer.lap()
+            wait, peak_mem = _all_reduce([wait, peak_memory_bytes(device)], dist.ReduceOp.MAX)
+            worst = max(per_layer, key=per_layer.get)
+            metrics = {
+                "step": state.step, "epoch": epoch, "loss": loss_mean, "lr": lr, "grad_norm": gnorm,
+                "grad_norm_max_layer": per_layer[worst], "grad_norm_max_layer_index": list(per_layer).index(worst),
+                "tokens_per_s": sums[1] / dt, "tokens_per_s_per_worker": sums[1] / dt / world,
+                "cells_per_s": sums[2] / dt,
+                "mfu": sums[3] / dt / peak, "data_wait_frac": wait, "peak_mem_gib": peak_mem / GIB, "step_time_s": dt,
+                "total_steps": total, "grad_norm_spikes": guard.spikes,
+            }  # fmt: skip
+            metrics.update({k: v / world for k, v in zip(parts, sums[4:])} if len(parts) > 1 else {})
+            if cfg.train.val_every and state.step % cfg.train.val_every == 0:
+                metrics["val_loss"] = _validate(engine, cfg, rank, world, device)
+            if rank == 0 and cfg.eval.every and state.step % cfg.eval.every == 0:
+                metrics.update(_evaluate(engine, cfg))
+            save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
+            save = save or interrupted
+            if log is not None:
+                log.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step)
+            every = cfg.train.log_every and state.step % cfg.train.log_every == 0
+            if save or report_due or every or "val_loss" in metrics or state.step == 1:
+                _report(engine, metrics, state, rank, save)
+                last_report = time.monotonic()
+            timer.lap()  # validation and checkpoint time is not the next step's
         if (rows := window.end(state.step)) is not None:
             _log_profile(rows, window, log)
         if interrupted:

@@ -9,6 +9,10 @@
 Categories are matched on the kernel or op name, first match wins (`CATEGORIES`): the sigmoid kernels' forward and
 backward, softmax attention (cuDNN / flash / memory-efficient), matrix products, the optimizer, compiled fused
 elementwise/reduction kernels, embedding lookups and their scatter-add backward, copies, and the rest.
+
+Host phases: a loop that wraps its parts in `phase("name")` gets their host (CPU) wall time per step as rows of
+category "host phase" (kept out of the kernel sums): where the GPU's idle time comes from when the host is behind.
+The profiler's own per-op cost inflates them; compare phases with each other, not with the unprofiled step.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
+
+HOST = "host phase"
+_PHASE = "phase: "
+
+
+def phase(name: str) -> record_function:
+    """A context manager marking one part of a training step for the profile's host-phase rows."""
+    return record_function(_PHASE + name)
+
 
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.I))
@@ -97,34 +110,46 @@ def _activities(device: torch.device) -> list[ProfilerActivity]:
 
 def _rows(prof: profile, steps: int, device: torch.device) -> list[dict[str, float | str]]:
     cuda = device.type == "cuda"
-    rows = []
+    rows, host = [], []
     for ev in prof.key_averages():
+        if ev.key.startswith(_PHASE) and ev.device_type == torch.autograd.DeviceType.CPU:
+            ms = ev.cpu_time_total / 1e3 / steps
+            host.append({"name": ev.key[len(_PHASE) :], "ms": ms, "calls": ev.count / steps, "category": HOST})
+            continue
         if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         if us <= 0:
             continue
         rows.append({"name": ev.key, "ms": us / 1e3 / steps, "calls": ev.count / steps, "category": category(ev.key)})
-    return sorted(rows, key=lambda r: -r["ms"])
+    return sorted(rows, key=lambda r: -r["ms"]) + host
 
 
 def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
-    """Milliseconds per step per category, largest first."""
+    """Milliseconds per step per kernel category, largest first (host phases left out)."""
     out: dict[str, float] = {}
     for r in rows:
+        if r["category"] == HOST:
+            continue
         out[str(r["category"])] = out.get(str(r["category"]), 0.0) + float(r["ms"])
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def format_profile(rows: list[dict[str, float | str]], step_ms: float, top: int = 12) -> str:
-    """A table of categories (ms per step, share of the timed step) and the `top` longest kernels."""
+    """A table of categories (ms per step, share of the timed step), the `top` longest kernels and, when the loop
+    marked them, its host phases (CPU wall ms per step)."""
+    kernels = [r for r in rows if r["category"] != HOST]
     lines = [f"{'category':<26} {'ms/step':>9} {'% step':>7}"]
-    for cat, ms in by_category(rows).items():
+    for cat, ms in by_category(kernels).items():
         lines.append(f"{cat:<26} {ms:9.2f} {100 * ms / step_ms:6.1f}%")
-    busy = sum(float(r["ms"]) for r in rows)
+    busy = sum(float(r["ms"]) for r in kernels)
     lines.append(f"{'(sum; idle = step - sum)':<26} {busy:9.2f} {100 * busy / step_ms:6.1f}%")
     lines.append("")
     lines.append(f"{'ms/step':>9} {'calls':>6}  kernel")
-    for r in rows[:top]:
+    for r in kernels[:top]:
         lines.append(f"{float(r['ms']):9.2f} {float(r['calls']):6.0f}  {str(r['name'])[:110]}")
+    host = [r for r in rows if r["category"] == HOST]
+    if host:
+        lines += ["", f"{'host ms/step':>12}  phase (CPU wall time, profiler overhead included)"]
+        lines += [f"{float(r['ms']):12.2f}  {r['name']}" for r in host]
     return "\n".join(lines)

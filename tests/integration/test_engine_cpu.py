@@ -1,5 +1,6 @@
 """The DeepSpeed engine on CPU does not depend on a JIT-compiled op: a lock file left in the torch extensions
-folder by a process killed while compiling (the state a Ctrl-C or a killed worker leaves) must not hang training."""
+folder by a process killed while compiling (the state a Ctrl-C or a killed worker leaves) must not hang training.
+And the engine's flat parameter buffers keep every weight and bias 16-byte aligned."""
 
 from __future__ import annotations
 
@@ -34,6 +35,38 @@ SCRIPT = textwrap.dedent(
 
     print("shm_comm_op", ds_comm.cdb.shm_comm_op)
     print("losses", *losses)
+
+    # The cell transformer under ZeRO-2: DeepSpeed packs each parameter group into one flat buffer. Its first
+    # parameter is the 203-gene output bias; every parameter whose size is a multiple of 8 must still start on a
+    # 16-byte boundary (cuBLAS takes its slow align-1 kernels for misaligned weights and biases).
+    from scfm_platform import data
+    from scfm_platform.model import build_model
+
+    cfg = load_config(None, ["data.atlas=synthetic:64", "deepspeed.zero_stage=2", "model.preset=tiny"])
+    model = build_model(cfg, data.vocab_size(cfg.data))
+    assert next(iter(model.parameters())).numel() % 8 != 0  # the case that misaligned them
+    engine = initialize(cfg, model, torch.device("cpu"), total_steps=4)
+    bad = [n for n, p in engine.module.named_parameters() if p.numel() % 8 == 0 and p.data_ptr() % 16]
+    print("misaligned", len(bad), *bad[:5])
+
+    # grad_norms on ZeRO-2's gradient partitions against plain autograd on a copy of the same weights.
+    import copy, math
+    from scfm_platform.engine import grad_norms
+    from scfm_platform.model import layer_groups
+    from scfm_platform.objective import masked_loss
+    from scfm_platform.synthetic import synthetic_batch
+
+    ref = copy.deepcopy(engine.module)
+    b = synthetic_batch(4, 64, 200, generator=torch.Generator().manual_seed(1))
+    args = (b["gene_ids"], b["values"], b["seq_lens"], b["mask"])
+    dims = ref.dims
+    masked_loss(ref(*args), b, dims.value_encoding, dims.n_bins)[0].backward()
+    want = {k: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps if p.grad is not None))
+            for k, ps in layer_groups(ref).items()}
+    engine.backward(masked_loss(engine(*args), b, dims.value_encoding, dims.n_bins)[0])
+    total, per = grad_norms(engine, layer_groups(engine.module))
+    worst = max(abs(per[k] - want[k]) / max(want[k], 1e-12) for k in want)
+    print("gradnorm", total, math.sqrt(sum(v * v for v in want.values())), worst)
     dist.destroy_process_group()
     """
 )
@@ -61,8 +94,12 @@ def test_cpu_engine_trains_with_a_stale_extension_lock(tmp_path):
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"deepspeed.initialize on CPU did not finish in 240 s (waiting on the extension lock?): {e}")
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("shm_comm_op", "losses")))
+    keys = ("shm_comm_op", "losses", "misaligned", "gradnorm")
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(keys))
     assert lines["shm_comm_op"] == "None"
+    assert lines["misaligned"].split()[0] == "0", f"parameters off 16-byte boundaries: {lines['misaligned']}"
+    total, want, worst_rel = (float(x) for x in lines["gradnorm"].split())
+    assert want > 0 and abs(total - want) < 1e-4 * want and worst_rel < 1e-4, lines["gradnorm"]
     losses = [float(v) for v in lines["losses"].split()]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (ext / "deepspeed_shm_comm" / "lock").exists()  # untouched: nothing waited on it or removed it

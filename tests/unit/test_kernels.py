@@ -161,7 +161,7 @@ def test_one_pass_backward_packed_and_float32_fallback():
 @interpret_only
 @pytest.mark.parametrize(("mib", "pairs_per_launch"), [(None, 6), ("0.07", 1), ("0", None)])
 def test_backward_dq_paths_match_float64(mib, pairs_per_launch, monkeypatch):
-    """The deterministic backward's dQ, bf16, GQA, lengths 1, T and ragged: from the stored dSᵀ with every
+    """The deterministic backward's dQ, bf16, D = 128, GQA, lengths 1, T and ragged: from the stored dSᵀ with every
     (batch, key head) pair in one launch (the default budget), one pair per launch (a 0.07 MiB budget holds one
     pair's 2 × 128² values), and recomputed (budget 0, no scratch buffer). The scratch buffer is poisoned with NaN
     like every output, so a dSᵀ tile read before it was written fails the comparison."""
@@ -178,7 +178,7 @@ def test_backward_dq_paths_match_float64(mib, pairs_per_launch, monkeypatch):
         return _common.new_output(shape, dtype, device)
 
     monkeypatch.setattr(_bwd, "new_output", recording)
-    _check_padded(3, 37, 4, 2, 48, torch.bfloat16, _lens(3, 37))
+    _check_padded(3, 37, 4, 2, 128, torch.bfloat16, _lens(3, 37))
     scratch = [s for s in made if len(s) == 3]  # [pairs per launch x group, T_DS, T_DS]
     if pairs_per_launch is None:
         assert scratch == []
@@ -191,10 +191,11 @@ def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
 
     assert ds_rows(1) == 128 and ds_rows(128) == 128 and ds_rows(8000) == 8064
     one_pair = 2 * 8064**2 * 2  # group 2, T_DS 8064, 2-byte values
-    assert pick_dq_path(True, True, 2, 8000, 2, 5 * one_pair) == ("stored", 5)
-    assert pick_dq_path(True, True, 2, 8000, 2, one_pair - 1) == ("recompute", 0)
-    assert pick_dq_path(True, False, 2, 8000, 2, 5 * one_pair) == ("recompute", 0)  # no descriptors (float32)
-    assert pick_dq_path(False, True, 2, 8000, 2, 5 * one_pair) == ("one_pass", 0)
+    assert pick_dq_path(True, True, 2, 128, 8000, 2, 5 * one_pair) == ("stored", 5)
+    assert pick_dq_path(True, True, 2, 128, 8000, 2, one_pair - 1) == ("recompute", 0)
+    assert pick_dq_path(True, True, 2, 64, 8000, 2, 5 * one_pair) == ("recompute", 0)  # measured slower at 64
+    assert pick_dq_path(True, False, 2, 128, 8000, 2, 5 * one_pair) == ("recompute", 0)  # no descriptors (fp32)
+    assert pick_dq_path(False, True, 2, 128, 8000, 2, 5 * one_pair) == ("one_pass", 0)
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "1.5")
     assert _common.ds_scratch_bytes(torch.device("cpu")) == 3 * 2**19
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "lots")
@@ -206,7 +207,7 @@ def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
 def test_stored_dq_path_handles_packed_sequences(monkeypatch):
     """Packed bf16 sequences (lengths 1, T, 0, ragged), one pair per launch: varlen equals the float64 oracle."""
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "0.04")
-    T, H, K, D = 30, 2, 2, 32
+    T, H, K, D = 30, 2, 2, 128
     lens = torch.tensor([1, T, 0, 17], dtype=torch.int32)
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
     N = int(cu[-1])

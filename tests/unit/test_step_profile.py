@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -80,3 +81,26 @@ def test_step_window_on_a_resumed_run_starts_at_its_first_step():
     rows = window.end(11)
     assert window.first == 10 and rows and any(r["category"] == "matmul" for r in rows)
     window.close()  # already closed: nothing to do
+
+
+def test_host_phases_are_rows_of_their_own_and_stay_out_of_the_kernel_sums():
+    import torch
+
+    from scfm_platform.step_profile import HOST, StepWindow, format_profile, phase
+
+    a = torch.randn(96, 96)
+    window = StepWindow(torch.device("cpu"), after=0, steps=2)
+    rows = None
+    for done in range(2):
+        window.begin(done)
+        with phase("products"):
+            a = a @ a.T / 96
+        with phase("sleep"):
+            time.sleep(0.02)
+        rows = window.end(done + 1)
+    host = {r["name"]: r for r in rows if r["category"] == HOST}
+    assert set(host) == {"products", "sleep"} and host["sleep"]["ms"] >= 19 and host["products"]["calls"] == 1
+    assert HOST not in by_category(rows) and by_category(rows).get("matmul", 0) > 0
+    text = format_profile(rows, window.step_ms)
+    assert "phase (CPU wall time" in text
+    assert any(line.strip().endswith("sleep") for line in text.splitlines())
