@@ -37,7 +37,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.I))
     for name, pattern in (
         ("attention fwd (sigmoid)", r"_fwd_kernel"),
-        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel"),
+        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel|_dq_ds_kernel"),
         ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention"),
         ("optimizer", r"adam|multi_tensor|foreach"),
         ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),
@@ -112,9 +112,10 @@ def _rows(prof: profile, steps: int, device: torch.device) -> list[dict[str, flo
     cuda = device.type == "cuda"
     rows, host = [], []
     for ev in prof.key_averages():
-        if ev.key.startswith(_PHASE) and ev.device_type == torch.autograd.DeviceType.CPU:
-            ms = ev.cpu_time_total / 1e3 / steps
-            host.append({"name": ev.key[len(_PHASE) :], "ms": ms, "calls": ev.count / steps, "category": HOST})
+        if ev.key.startswith(_PHASE):  # the CPU range; its copy on the GPU timeline spans kernels counted below
+            if ev.device_type == torch.autograd.DeviceType.CPU:
+                ms = ev.cpu_time_total / 1e3 / steps
+                host.append({"name": ev.key[len(_PHASE) :], "ms": ms, "calls": ev.count / steps, "category": HOST})
             continue
         if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
             continue

@@ -17,6 +17,7 @@ from scfm_platform.step_profile import by_category, category
         ("_fwd_kernel", "attention fwd (sigmoid)"),
         ("_dkdv_kernel", "attention bwd (sigmoid)"),
         ("_dq_kernel", "attention bwd (sigmoid)"),
+        ("_dq_ds_kernel", "attention bwd (sigmoid)"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_128x128x128_4x1x1", "attention (softmax)"),
         ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "matmul"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
