@@ -112,17 +112,10 @@ def no_shared_memory_comm(deepspeed) -> None:
 
 
 def grad_norms(engine, groups: dict[str, list[nn.Parameter]]) -> tuple[float, dict[str, float]]:
-    """Global and per-group L2 norms of the averaged gradients, after `engine.backward` and before `engine.step`."""
-    return norms_from_squares(grad_norm_squares(engine, groups), groups)
-
-
-def grad_norm_squares(engine, groups: dict[str, list[nn.Parameter]]) -> torch.Tensor:
-    """float64 [groups]: squared L2 norm of each group's averaged gradients, on the device (no host sync), after
-    `engine.backward` and before `engine.step` (the step frees ZeRO's gradient partitions; stream order keeps
-    these reads ahead of it).
+    """Global and per-group L2 norms of the averaged gradients, after `engine.backward` and before `engine.step`.
 
     ZeRO 0 holds full averaged gradients on every rank; ZeRO 1/2/3 hold a partition each, so every rank sums the
-    squares of its own fragments and one all-reduce of the [groups] vector gives the totals.
+    squares of its own fragments and one all-reduce of a [groups] vector gives the totals.
     """
     stage = engine.zero_optimization_stage()
     dev = engine.device if engine.device.type == "cuda" else torch.device("cpu")
@@ -138,13 +131,9 @@ def grad_norm_squares(engine, groups: dict[str, list[nn.Parameter]]) -> torch.Te
         sq.index_add_(0, torch.tensor(owner, device=dev), norms * norms)
     if stage > 0 and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
-    return sq
-
-
-def norms_from_squares(sq: torch.Tensor, groups: dict[str, list[nn.Parameter]]) -> tuple[float, dict[str, float]]:
-    """(global norm, {group: norm}) from `grad_norm_squares` (waits for the device)."""
-    values = sq.cpu().tolist()
-    return math.sqrt(sum(values)), {name: math.sqrt(v) for name, v in zip(groups, values)}
+    sq = sq.cpu()
+    per = {name: math.sqrt(v) for name, v in zip(groups, sq.tolist())}
+    return math.sqrt(float(sq.sum())), per
 
 
 def _local_grad(p: nn.Parameter, stage: int) -> torch.Tensor | None:

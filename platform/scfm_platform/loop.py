@@ -1,15 +1,12 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Each step: next batch → forward → masked-gene loss → backward → grad norms → optimizer step → one wait for the
-device (loss, norms) → divergence check → metrics (every rank reports them; rank 0 also sends them to MLflow) →
-validation, in-training evaluation (rank 0, `eval.every`) and checkpoint when due. The divergence check comes after
-the optimizer step so the host queues the step's work without waiting for the device (the DeepSpeed step's own host
-time then overlaps the backward); a diverged step's update is never saved. Throughput metrics are over all ranks
-(`tokens_per_s`, `cells_per_s`) and per rank (`tokens_per_s_per_worker`, `mfu`); `data_wait_frac` and `peak_mem_gib`
-are the maximum over ranks (the rank that waits longest for data stalls them all). Rank 0 tags the MLflow run with
-the Ray nodes its workers ran on. `payload` (from the driver): config (dict), tracking {uri, run_id} or None,
-git_commit, resume_from (a checkpoint directory or None; a checkpoint Ray Train hands back after a worker failure
-wins).
+Each step: next batch → forward → masked-gene loss → backward → grad norms → divergence check → optimizer step →
+metrics (every rank reports them; rank 0 also sends them to MLflow) → validation, in-training evaluation (rank 0,
+`eval.every`) and checkpoint when due. Throughput metrics are over all ranks (`tokens_per_s`, `cells_per_s`) and
+per rank (`tokens_per_s_per_worker`, `mfu`); `data_wait_frac` and `peak_mem_gib` are the maximum over ranks (the
+rank that waits longest for data stalls them all). Rank 0 tags the MLflow run with the Ray nodes its workers ran on.
+`payload` (from the driver): config (dict), tracking {uri, run_id} or None, git_commit, resume_from (a
+checkpoint directory or None; a checkpoint Ray Train hands back after a worker failure wins).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from scfm_data_service import schema
 from scfm_platform import checkpoint, data
 from scfm_platform.checkpoint import TrainState
 from scfm_platform.config import RunConfig, flatten, from_dict, redacted, redacted_yaml
-from scfm_platform.engine import grad_norm_squares, initialize, norms_from_squares
+from scfm_platform.engine import grad_norms, initialize
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
 from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
@@ -81,8 +78,8 @@ def train_loop(payload: dict[str, Any]) -> None:
             loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
         with phase("backward"):
             engine.backward(loss)
-        with phase("grad norms"):
-            norms_sq = grad_norm_squares(engine, groups)  # on the device: no sync before the optimizer step
+        with phase("grad norms, loss sync"):
+            gnorm, per_layer = grad_norms(engine, groups)
             obj = cfg.model.objective
             binned = obj != "gene" and dims.value_encoding == "binned"
             flops = batch_flops(dims, lens, n_masked, gene_head=obj != "value", binned_value=binned)
@@ -91,21 +88,19 @@ def train_loop(payload: dict[str, Any]) -> None:
             # the clock when one is due and the decision travels in this all-reduce (every rank reports at the
             # same step).
             due = float(rank == 0 and time.monotonic() - last_report >= cfg.train.report_every_s)
-        lr = engine.get_lr()[0]
-        with phase("optimizer step"):
-            engine.step()
-        with phase("loss sync"):  # the step's one wait for the device, after the optimizer's work is queued
             losses = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]).tolist()
-            gnorm, per_layer = norms_from_squares(norms_sq, groups)
             sums = _all_sum([losses[0], float(lens.sum()), len(lens), flops, *losses[1:], due, asked])
         interrupted = sums.pop() > 0  # summed over ranks: all of them stop at the same step
         report_due = sums.pop() > 0
         loss_mean = sums[0] / world
         reason = guard.check(loss_mean, gnorm)
-        if reason is not None:  # this step's update is never saved: the last reported checkpoint stays the last
+        if reason is not None:
             window.close()
             _stop(state, reason, log)
             return
+        lr = engine.get_lr()[0]
+        with phase("optimizer step"):
+            engine.step()
         state = TrainState(state.step + 1, epoch, pos)
         if joinid_log is not None:  # which cells this optimizer step trained on (exactly-once checks)
             joinid_log.parent.mkdir(parents=True, exist_ok=True)
