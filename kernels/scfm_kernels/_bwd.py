@@ -188,9 +188,11 @@ def _dkdv_kernel(
                 q = q_desc.load([start_m, 0])
                 do = do_desc.load([start_m, 0])
                 dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
-                if STORE_DS == 1:
+                # Only inside the buffer's T_DS ≥ T_MAX columns: packed input may (wrongly) give a max_seqlen
+                # under a sequence's length, and the rows past it are dropped anyway.
+                if STORE_DS == 1 and start_m < T_MAX:
                     tl.store(ds_ptrs + start_m, dsT)
-                elif STORE_DS == 2:
+                elif STORE_DS == 2 and start_m < T_MAX:
                     ds_desc.store([pid_n * BLOCK_N, start_m], dsT)
                 if ATOMIC_DQ != 0:
                     # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
@@ -330,7 +332,7 @@ def _dq_ds_kernel(
     h = bh % H
     hk = h // GROUP
     start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-    n_desc = tl.maximum(n, 1)
+    n_desc = tl.maximum(tl.minimum(n, T_MAX), 1)  # what the dK/dV kernel stored (see its STORE_DS branch)
     ds_desc = tl.make_tensor_descriptor(
         DS + local.to(tl.int64) * stride_dsh, shape=[n_desc, n_desc], strides=[stride_dsn, 1],
         block_shape=[BLOCK_N, BLOCK_M],
@@ -341,7 +343,7 @@ def _dq_ds_kernel(
     )  # fmt: skip
     start_m = pid_m * BLOCK_M
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, tl.where(start_m < n, n, 0), BLOCK_N):
+    for start_n in range(0, tl.where(start_m < n, tl.minimum(n, T_MAX), 0), BLOCK_N):
         dsT = ds_desc.load([start_n, start_m])
         k = k_desc.load([start_n, 0])
         dq = mma(tl.trans(dsT), k, dq, DOT_MODE)
@@ -483,9 +485,10 @@ def attention_backward(
 
     How dQ is formed (`pick_dq_path` unless dq_path names one of DQ_PATHS; paths other than "recompute" need
     16-bit inputs on tensor-descriptor hardware and fall back to it elsewhere):
-      "stored" (deterministic default): the dK/dV kernel also writes each pair's dSᵀ (16-bit, the values the
-          dQ product rounds to anyway) into a scratch buffer of at most `_common.ds_scratch_bytes()` (pairs of
-          (batch, key head) in turns when they do not all fit), and `_dq_ds_kernel` streams it once against K:
+      "stored" (deterministic default at head dims 97-128): the dK/dV kernel also writes each pair's dSᵀ
+          (16-bit, the values the dQ product rounds to anyway) into a scratch buffer of at most
+          `_common.ds_scratch_bytes()` (pairs of (batch, key head) in turns when they do not all fit; asked for
+          explicitly, at least one pair whatever the budget), and `_dq_ds_kernel` streams it once against K:
           5 tile products per score pair plus one streamed product, no second sigmoid; deterministic;
       "recompute": the dQ kernel recomputes S, P and dP (7 products per pair), no scratch;
       "one_pass" (deterministic=False): the dK/dV kernel adds each pair's dQ share into a float32 buffer with
@@ -529,6 +532,9 @@ def attention_backward(
     # (SIG=3) its gradients' error against float64 rose 2.35e-3 -> 2.99e-3 for no speed (H200, run 12).
     kmeta = dict(meta, SIG=1, ATOMIC_DQ=0, STORE_DS=0)
     kmeta["USE_TMA"] = use_tma and (path != "recompute" or (kcfg or {}).get("USE_TMA", True))
+    for key in ("ATOMIC_DQ", "STORE_DS"):
+        if (kcfg or {}).get(key, 1) not in (1, 2):
+            raise ValueError(f"dkdv_config {key}={kcfg[key]!r}: expected 1 or 2 (the path sets whether it is used)")
     if path == "one_pass":
         # Bulk tensor reduce (2) on the GPU; the interpreter has no descriptor reduce: element atomics (1).
         kmeta["ATOMIC_DQ"] = 1 if INTERPRET else (kcfg or {}).get("ATOMIC_DQ", 2)
@@ -545,7 +551,7 @@ def attention_backward(
         chunk, ds = pairs, dq_acc
     s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
     s_out = [*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), ds.stride(0), ds.stride(1)]
-    for pair0 in range(0, pairs, chunk):
+    for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
         c = min(chunk, pairs - pair0)
         args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0)
         grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731

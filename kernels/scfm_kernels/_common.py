@@ -64,7 +64,7 @@ def tma_ok(*ts: torch.Tensor) -> bool:
 
 def ds_scratch_bytes(device: torch.device) -> int:
     """Bytes the backward may hold for its stored dSᵀ (`_bwd.attention_backward`, path "stored"):
-    SCFM_KERNELS_DS_SCRATCH_MIB if set (0 turns the stored path off), else 1/16 of the GPU's memory (8.8 GB on
+    SCFM_KERNELS_DS_SCRATCH_MIB if set (0 turns the stored path off), else 1/16 of the GPU's memory (8.7 GiB on
     an H200); 256 MiB under the CPU interpreter."""
     env = os.environ.get("SCFM_KERNELS_DS_SCRATCH_MIB")
     if env is not None:

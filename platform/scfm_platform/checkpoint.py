@@ -1,11 +1,12 @@
 """Checkpoints: DeepSpeed's own save/load inside a Ray Train checkpoint directory.
 
 A checkpoint directory holds DeepSpeed's tag folder `ds/` (model, ZeRO optimizer partitions, LR scheduler), one
-`rng_rank{r}.pt` per rank (python, numpy, torch and CUDA generators) and `train_state.json` (step, epoch and the
-position in the epoch's batch stream), and `run.json` (the resolved run config, vocabulary size and MLflow run:
-what `load_model_for_inference` rebuilds the model from). Every rank writes its own files into a local temporary
-directory and reports it; Ray Train merges them into one directory in storage. Resuming loads all of it back, so the
-next steps are the ones an uninterrupted run would have taken.
+`rng_rank{r}.pt` per rank (python, numpy, torch and CUDA generators) and `train_state.json` (step, epoch, the
+position in the epoch's batch stream and the optimizer's parameter layout, `engine.param_layout`), and `run.json`
+(the resolved run config, vocabulary size and MLflow run: what `load_model_for_inference` rebuilds the model from).
+Every rank writes its own files into a local temporary directory and reports it; Ray Train merges them into one
+directory in storage. Resuming loads all of it back, so the next steps are the ones an uninterrupted run would have
+taken.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from scfm_platform.engine import param_layout
+from scfm_platform.errors import RunError
 
 TAG = "ds"
 STATE_FILE = "train_state.json"
@@ -44,7 +48,8 @@ def save(engine, state: TrainState, rank: int, *, run: Mapping[str, Any] | None 
     engine.save_checkpoint(str(path), tag=TAG, client_state={"train_state": asdict(state)})
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     if rank == 0:
-        (path / STATE_FILE).write_text(json.dumps(asdict(state)))
+        layout = param_layout(getattr(engine, "module", engine))
+        (path / STATE_FILE).write_text(json.dumps({**asdict(state), "param_layout": layout}))
         (path / RUN_FILE).write_text(json.dumps(_run_info(engine, run if run is not None else _payload()), indent=1))
     return path
 
@@ -52,13 +57,22 @@ def save(engine, state: TrainState, rank: int, *, run: Mapping[str, Any] | None 
 def load(engine, path: str | Path, rank: int) -> TrainState:
     """Restore model, optimizer, scheduler and this rank's RNG from a checkpoint directory (collective)."""
     path = Path(path)
+    saved = json.loads((path / STATE_FILE).read_text())
+    layout, want = saved.pop("param_layout", None), param_layout(getattr(engine, "module", engine))
+    if layout != want:
+        raise RunError(
+            f"checkpoint {path} holds optimizer state for another parameter layout ({layout or 'none recorded'}, "
+            f"this model: {want}): saved by an older scfm (before odd-sized parameters went last in their optimizer "
+            "group) or for another model. Its ZeRO state would load into the wrong parameters; start a new run "
+            "(`launch eval` and load_model_for_inference still read its weights)."
+        )
     load_path, _ = engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    return TrainState(**saved)
 
 
 def load_model_for_inference(path, cfg=None, *, device=None):

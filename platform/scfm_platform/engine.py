@@ -9,6 +9,7 @@ On CPU, collectives are plain gloo: DeepSpeed's JIT-compiled shared-memory op is
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any
@@ -81,6 +82,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for g in groups:
         g["params"].sort(key=lambda p: p.numel() % 8 != 0)  # stable: odd sizes last, order otherwise kept
     return groups
+
+
+def param_layout(model: nn.Module) -> str:
+    """A fingerprint of the optimizer's parameter order and shapes (`param_groups`). DeepSpeed restores ZeRO's flat
+    optimizer state (fp32 weights, Adam moments) by offset, so a checkpoint may only be loaded into the same layout:
+    `checkpoint.load` refuses one saved with another (an older order, another model)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # noqa: E731 (ZeRO-3 partitions keep ds_shape)
+    groups = param_groups(model, 0.0)
+    text = "|".join(",".join(f"{names[id(p)]}:{shape(p)}" for p in g["params"]) for g in groups)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def initialize(cfg: RunConfig, model: nn.Module, device: torch.device, total_steps: int):

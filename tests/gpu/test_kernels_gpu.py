@@ -122,13 +122,23 @@ def test_stored_and_recomputed_dq_agree_under_the_autotuner(monkeypatch):
     from scfm_kernels import _bwd
 
     monkeypatch.setattr(_bwd, "AUTOTUNE", True)
+    _bwd._dkdv_tuned.cache.clear()  # tune again with every config, not with an earlier test's pick
+    _bwd._dq_ds_tuned.cache.clear()
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "40")  # 40 MiB: 2 of the 6 pairs per launch
+    made = []
+
+    def recording(shape, dtype, device):
+        made.append(tuple(shape))
+        return _common.new_output(shape, dtype, device)
+
+    monkeypatch.setattr(_bwd, "new_output", recording)
     B, T, H, K, D = 3, 2048, 4, 2, 128
     lens = torch.tensor([T, 700, 1500], device="cuda", dtype=torch.int32)
     q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     args = (go, q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T)
     stored = _bwd.attention_backward(*args)
+    assert [m for m in made if len(m) == 3] == [(4, 2048, 2048)]  # the default took the stored path, 2 pairs x 2
     recomputed = _bwd.attention_backward(*args, dq_path="recompute")
     for name, a, b in zip(("dq", "dk", "dv"), stored, recomputed):
         err = _relerr(a, b.double())

@@ -67,6 +67,23 @@ SCRIPT = textwrap.dedent(
     total, per = grad_norms(engine, layer_groups(engine.module))
     worst = max(abs(per[k] - want[k]) / max(want[k], 1e-12) for k in want)
     print("gradnorm", total, math.sqrt(sum(v * v for v in want.values())), worst)
+
+    # A checkpoint records the optimizer's parameter layout; one with another layout is refused, not misloaded.
+    import json
+    from scfm_platform import checkpoint
+    from scfm_platform.errors import RunError
+
+    ckpt = checkpoint.save(engine, checkpoint.TrainState(3, 0, 3), 0, run={})
+    assert checkpoint.load(engine, ckpt, 0) == checkpoint.TrainState(3, 0, 3)
+    state_file = ckpt / checkpoint.STATE_FILE
+    for edit in ({"param_layout": "0123456789abcdef"}, {}):  # another layout; none recorded (older scfm)
+        state = {k: v for k, v in json.loads(state_file.read_text()).items() if k != "param_layout"}
+        state_file.write_text(json.dumps({**state, **edit}))
+        try:
+            checkpoint.load(engine, ckpt, 0)
+            print("layout accepted", edit)
+        except RunError as e:
+            print("layout refused", "another parameter layout" in str(e))
     dist.destroy_process_group()
     """
 )
@@ -96,6 +113,8 @@ def test_cpu_engine_trains_with_a_stale_extension_lock(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     keys = ("shm_comm_op", "losses", "misaligned", "gradnorm")
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(keys))
+    layouts = [line for line in out.stdout.splitlines() if line.startswith("layout")]
+    assert layouts == ["layout refused True"] * 2, layouts
     assert lines["shm_comm_op"] == "None"
     assert lines["misaligned"].split()[0] == "0", f"parameters off 16-byte boundaries: {lines['misaligned']}"
     total, want, worst_rel = (float(x) for x in lines["gradnorm"].split())

@@ -224,6 +224,34 @@ def test_stored_dq_path_handles_packed_sequences(monkeypatch):
 
 
 @interpret_only
+def test_stored_dq_path_with_an_understated_max_seqlen_reads_and_writes_only_its_buffer(monkeypatch):
+    """Packed bf16 input whose max_seqlen (40) is under a sequence's length (70): rows past max_seqlen are dropped
+    (as documented), but the dSᵀ buffer — poisoned with NaN, sized from max_seqlen — is neither overrun nor read
+    where unwritten: dQ is finite, dK and dV match the recompute path, dQ matches it on the short sequence."""
+    from scfm_kernels import _bwd
+
+    lens = torch.tensor([70, 20], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    H, D, T = 2, 128, 40
+    q, k, v, go = (torch.randn(int(cu[-1]), H, D, dtype=torch.bfloat16) for _ in range(4))
+    bias = -torch.log(lens.float())
+    stored = _bwd.attention_backward(go, q, k, v, cu, bias, D**-0.5, True, T, dq_path="stored")
+    recomputed = _bwd.attention_backward(go, q, k, v, cu, bias, D**-0.5, True, T, dq_path="recompute")
+    assert torch.isfinite(stored[0][:T]).all() and torch.isfinite(stored[0][70:]).all()
+    for name, a, b in zip(("dk", "dv"), stored[1:], recomputed[1:]):
+        assert torch.equal(a[:T], b[:T]) and torch.equal(a[70:], b[70:]), name
+    assert _relerr(stored[0][70:], recomputed[0][70:].double()) < 1e-2
+
+
+@interpret_only
+def test_backward_of_an_empty_batch_is_empty():
+    q, k, v = (_rand(0, 16, 2, 128, dtype=torch.bfloat16) for _ in range(3))
+    out = sk.sigmoid_attention(q, k, v, torch.zeros(0, dtype=torch.int32))
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), allow_unused=True)
+    assert out.shape == q.shape and all(g is None or g.shape == q.shape for g in grads)
+
+
+@interpret_only
 def test_varlen_equals_padded_and_reference():
     T, H, K, D = 40, 2, 1, 32
     lens = torch.tensor([1, T, 0, 23], dtype=torch.int32)
