@@ -39,7 +39,7 @@ for stage in $STAGES; do
         fi
         W=/tmp/trainer_work && rm -rf "$W" && mkdir -p "$W"
         timeout -k 20 "${RUN_LIMIT:-300}" python3 -m scfm_launch run configs/h200_160m_8k.yaml \
-            data.atlas=synthetic:20000:full model.compile=true train.steps="${RUN_STEPS:-40}" \
+            data.atlas=synthetic:20000:full train.steps="${RUN_STEPS:-40}" \
             train.profile_steps=3 train.profile_after=25 train.val_every=0 train.checkpoint_every=0 \
             train.output_dir="$W/runs" tracking.local_dir="$W/mlruns" \
             ${RUN_ARGS:-} --no-progress --worker-logs >"$OUT/run.log" 2>&1
