@@ -324,7 +324,8 @@ def _dq_ds_kernel(
 ):  # fmt: skip
     """dQ = scale · dS K from the dSᵀ the dK/dV kernel stored (STORE_DS): one product per tile pair, no sigmoid.
     One program per (query block, query head of the launch's pairs); reads dSᵀ through a descriptor bounded to
-    the sequence's n × n corner, so nothing the dK/dV kernel did not write is ever read."""
+    the sequence's n × n corner (n at most T_MAX, as the stores), so nothing the dK/dV kernel did not write is
+    ever read."""
     pid_m = tl.program_id(0)
     local = tl.program_id(1)  # query head within the launch: its buffer slice
     bh = PAIR0 * GROUP + local  # b · H + h
