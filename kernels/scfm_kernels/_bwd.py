@@ -8,8 +8,9 @@ key block and loops over every query block of every query head in its GQA group 
 query block and loops over the key blocks (dQ). Each output element is written once by one program, no
 atomics. At head dims 97-128 (16-bit inputs on tensor-descriptor hardware) the dK/dV kernel also stores each
 pair's 16-bit dSᵀ tile in a bounded scratch buffer and `_dq_ds_kernel` streams it once against K instead of the
-dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64). Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV
-kernel also computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
+dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64).
+Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV kernel also
+computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
 tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.
 
 Shape key: B batch, T padded length (or the longest packed sequence), H query heads, K key/value heads,
@@ -190,10 +191,12 @@ def _dkdv_kernel(
                 dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
                 # Only inside the buffer's T_DS ≥ T_MAX columns: packed input may (wrongly) give a max_seqlen
                 # under a sequence's length, and the rows past it are dropped anyway.
-                if STORE_DS == 1 and start_m < T_MAX:
-                    tl.store(ds_ptrs + start_m, dsT)
-                elif STORE_DS == 2 and start_m < T_MAX:
-                    ds_desc.store([pid_n * BLOCK_N, start_m], dsT)
+                if STORE_DS != 0:  # noqa: SIM102 (compile-time test apart from the runtime bound below)
+                    if start_m < T_MAX:
+                        if STORE_DS == 1:
+                            tl.store(ds_ptrs + start_m, dsT)
+                        else:
+                            ds_desc.store([pid_n * BLOCK_N, start_m], dsT)
                 if ATOMIC_DQ != 0:
                     # One-pass backward (opt-in, not deterministic): this key block's share of dQ (unscaled)
                     # is added into a float32 accumulator; the order of the additions varies run to run.
@@ -231,6 +234,20 @@ def _dkdv_kernel(
     tl.store(dk_ptrs + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
     dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
     tl.store(dv_ptrs + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _store_dq(
+    dq, DQ, b, start, h, offs_m, offs_d, n, scale, stride_dqb, stride_dqt, stride_dqh, T_MAX,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Write one query block's dQ (unscaled, float32 [BLOCK_M, BLOCK_D]): scaled, rows past n as 0 (padded layout;
+    packed rows of other sequences are left alone), the padded head-dim columns dropped."""
+    dq = tl.where((offs_m < n)[:, None], dq * scale, 0.0)
+    store_rows = offs_m < n if VARLEN else offs_m < T_MAX
+    dq_ptrs = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
+    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -303,11 +320,9 @@ def _dq_kernel(
                 HEAD_DIM, BLOCK_D, DOT_MODE, True, SIG,
             )  # fmt: skip
 
-    dq = tl.where(row_ok[:, None], dq * scale, 0.0)
-    store_rows = row_ok if VARLEN else offs_m < T_MAX
-    dq_ptrs = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
-    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & mask_d[None, :])
+    _store_dq(
+        dq, DQ, b, start, h, offs_m, offs_d, n, scale, stride_dqb, stride_dqt, stride_dqh, T_MAX, HEAD_DIM, VARLEN
+    )
 
 
 @triton.jit
@@ -351,11 +366,9 @@ def _dq_ds_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dq = tl.where((offs_m < n)[:, None], dq * scale, 0.0)
-    store_rows = offs_m < n if VARLEN else offs_m < T_MAX
-    dq_ptrs = DQ + b * stride_dqb + start * stride_dqt + h * stride_dqh
-    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=store_rows[:, None] & (offs_d < HEAD_DIM)[None, :])
+    _store_dq(
+        dq, DQ, b, start, h, offs_m, offs_d, n, scale, stride_dqb, stride_dqt, stride_dqh, T_MAX, HEAD_DIM, VARLEN
+    )
 
 
 def _dkdv_configs() -> list[triton.Config]:
@@ -452,8 +465,13 @@ def pick_dq_path(
         return "one_pass", 0
     if head_dim not in STORED_HEAD_DIMS:
         return "recompute", 0
-    pairs = budget // (group * ds_rows(t_max) ** 2 * element_size)
+    pairs = ds_pairs(group, t_max, element_size, budget)
     return ("stored", pairs) if pairs >= 1 else ("recompute", 0)
+
+
+def ds_pairs(group: int, t_max: int, element_size: int, budget: int) -> int:
+    """How many (batch, key head) pairs' dSᵀ (group · T_DS² values each) fit in `budget` bytes."""
+    return budget // (group * ds_rows(t_max) ** 2 * element_size)
 
 
 def _launch(kernel, tuned, config: dict | None, grid, args: tuple, meta: dict) -> None:
@@ -523,7 +541,7 @@ def attention_backward(
         if use_tma or dq_path == "recompute":
             path = dq_path
         if path == "stored":  # asked for: whatever the head dim, at least one pair at a time
-            chunk = max(1, budget // (G * ds_rows(t_max) ** 2 * q.element_size()))
+            chunk = max(1, ds_pairs(G, t_max, q.element_size(), budget))
     kcfg = dict(dkdv_config) if dkdv_config else None
     qcfg = dict(dq_config) if dq_config else None
     fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
