@@ -20,8 +20,9 @@ SYNTHETIC = "synthetic:"
 SYNTHETIC_GENES = 200
 
 
-def _synthetic_cells(d: DataConfig) -> int | None:
-    """Cells of `synthetic:<cells>[:full]` (1000 when left out); None for an atlas."""
+def _synthetic(d: DataConfig) -> tuple[int, bool] | None:
+    """(cells, full) of `synthetic:<cells>[:full]` (1000 cells when left out; full: every cell `max_len` tokens, no
+    padding, else lengths in [max_len/2, max_len]); None for an atlas."""
     if isinstance(d.atlas, str) and d.atlas.startswith(SYNTHETIC):
         cells, _, rest = d.atlas[len(SYNTHETIC) :].partition(":")
         if (cells and not cells.isdigit()) or rest not in ("", "full"):
@@ -29,13 +30,13 @@ def _synthetic_cells(d: DataConfig) -> int | None:
                 f"data.atlas={d.atlas!r}: expected synthetic:<cells> or synthetic:<cells>:full "
                 "(every cell data.max_len tokens long), e.g. synthetic:2000:full"
             )
-        return int(cells or 1000)
+        return int(cells or 1000), rest == "full"
     return None
 
 
-def _synthetic_full(d: DataConfig) -> bool:
-    """`synthetic:<cells>:full`: every cell `max_len` tokens (no padding), else lengths in [max_len/2, max_len]."""
-    return d.atlas.endswith(":full")
+def _synthetic_cells(d: DataConfig) -> int | None:
+    spec = _synthetic(d)
+    return None if spec is None else spec[0]
 
 
 def _cells_per_batch(d: DataConfig) -> int:
@@ -72,8 +73,8 @@ def batches(
     only: Any = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's batches of one epoch, from batch `start_step` on; `only`: soma_joinids to restrict to (atlas)."""
-    n = _synthetic_cells(d)
-    if n is None:
+    spec = _synthetic(d)
+    if spec is None:
         import scfm_data_service
 
         yield from scfm_data_service.iter_batches(
@@ -88,5 +89,5 @@ def batches(
         gen = torch.Generator().manual_seed(key)
         yield synthetic_batch(
             _cells_per_batch(d), d.max_len, SYNTHETIC_GENES, mask_ratio=d.mask_ratio, n_bins=d.n_bins,
-            full=_synthetic_full(d), generator=gen,
+            full=spec[1], generator=gen,
         )  # fmt: skip

@@ -76,6 +76,24 @@ def _check_padded(B, T, H, K, D, dtype, seq_lens, **kw):
                 assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0"
 
 
+def _check_packed_bf16(lengths: list[int], H: int, K: int, D: int, **kw) -> None:
+    """Packed bf16 sequences of these lengths (max_seqlen = the longest): output and all three gradients against
+    the float64 oracle."""
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    N, T = int(cu[-1]), max(lengths)
+    q, k, v = (_rand(N, H, D, dtype=torch.bfloat16), _rand(N, K, D, dtype=torch.bfloat16),
+               _rand(N, K, D, dtype=torch.bfloat16))  # fmt: skip
+    out = sk.sigmoid_attention_varlen(q, k, v, cu, T, **kw)
+    go = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), go))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sk.sigmoid_attention_varlen_reference(q64, k64, v64, cu, T)
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert _relerr(g, w) < TOL[torch.bfloat16], name
+
+
 @interpret_only
 @pytest.mark.parametrize(
     ("B", "T", "H", "K", "D", "dtype"),
@@ -137,23 +155,7 @@ def test_one_pass_backward_matches_float64(dtype):
 
 @interpret_only
 def test_one_pass_backward_packed_and_float32_fallback():
-    T, H, K, D = 30, 2, 1, 32
-    lens = torch.tensor([1, T, 17], dtype=torch.int32)
-    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    N = int(cu[-1])
-    q, k, v = (
-        _rand(N, H, D, dtype=torch.bfloat16),
-        _rand(N, K, D, dtype=torch.bfloat16),
-        _rand(N, K, D, dtype=torch.bfloat16),
-    )
-    out = sk.sigmoid_attention_varlen(q, k, v, cu, T, deterministic=False)
-    go = torch.randn_like(out)
-    got = (out, *torch.autograd.grad(out, (q, k, v), go))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = sk.sigmoid_attention_varlen_reference(q64, k64, v64, cu, T)
-    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert _relerr(g, w) < TOL[torch.bfloat16], name
+    _check_packed_bf16([1, 30, 17], 2, 1, 32, deterministic=False)
     # float32 has no tensor-descriptor path: deterministic=False falls back to the two-kernel backward.
     _check_padded(2, 20, 2, 2, 32, torch.float32, _lens(2, 20), deterministic=False)
 
@@ -207,20 +209,7 @@ def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
 def test_stored_dq_path_handles_packed_sequences(monkeypatch):
     """Packed bf16 sequences (lengths 1, T, 0, ragged), one pair per launch: varlen equals the float64 oracle."""
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "0.04")
-    T, H, K, D = 30, 2, 2, 128
-    lens = torch.tensor([1, T, 0, 17], dtype=torch.int32)
-    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    N = int(cu[-1])
-    q, k, v = (_rand(N, H, D, dtype=torch.bfloat16), _rand(N, K, D, dtype=torch.bfloat16),
-               _rand(N, K, D, dtype=torch.bfloat16))  # fmt: skip
-    out = sk.sigmoid_attention_varlen(q, k, v, cu, T)
-    go = torch.randn_like(out)
-    got = (out, *torch.autograd.grad(out, (q, k, v), go))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = sk.sigmoid_attention_varlen_reference(q64, k64, v64, cu, T)
-    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), go.double()))
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert _relerr(g, w) < TOL[torch.bfloat16], name
+    _check_packed_bf16([1, 30, 0, 17], 2, 2, 128)
 
 
 @interpret_only
