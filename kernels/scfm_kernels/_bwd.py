@@ -34,7 +34,7 @@ from ._common import (
     set_descriptor_allocator,
     tma_ok,
 )
-from ._fwd import LOG2E, mma, seq_bounds, sigmoid_parts
+from ._tile import LOG2E, mma, seq_bounds, sigmoid_parts
 
 
 @triton.jit

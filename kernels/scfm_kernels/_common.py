@@ -45,7 +45,7 @@ def dot_mode(dtype: torch.dtype) -> int:
 
 
 def sigmoid_mode(dtype: torch.dtype) -> int:
-    """Which reciprocal the forward kernel's sigmoid uses (`_fwd.sigmoid_parts`): 3, one centred Newton step
+    """Which reciprocal the forward kernel's sigmoid uses (`_tile.sigmoid_parts`): 3, one centred Newton step
     (relative error ≤ 1.3e-3, a third of a bfloat16 ulp) for bfloat16; 1, one third-order step (≤ 1.3e-4, under
     half an fp16 ulp) for float16; float32 divides exactly whatever this says. The backward always uses 1."""
     return 3 if dtype == torch.bfloat16 else 1

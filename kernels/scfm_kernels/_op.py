@@ -7,7 +7,8 @@ Supported:
   - head dims 16..256, non-powers of two included (padded to the next power of two inside the kernels);
   - GQA/MQA: k/v with K heads where H is a multiple of K;
   - trailing padding per sequence (`seq_lens`) and packed sequences (`cu_seqlens`);
-  - forward and a deterministic backward (no atomics) for q, k and v (at head dims 97-128 in 16-bit on Hopper
+  - forward (on Hopper, 16-bit, D 64 or 128: a warp-specialized Gluon kernel, `_fwd_ws`; SCFM_KERNELS_FWD=triton
+    keeps the Triton kernel) and a deterministic backward (no atomics) for q, k and v (at head dims 97-128 in 16-bit on Hopper
     it stores dSᵀ in a scratch buffer capped by SCFM_KERNELS_DS_SCRATCH_MIB, default 1/16 of the GPU's
     memory; 0 turns that off); `deterministic=False` opts into a
     one-pass backward (bf16/fp16 on Hopper) that adds dQ with atomics: fewer tile products, run-to-run

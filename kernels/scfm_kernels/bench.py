@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from . import _bwd, _fwd, sigmoid_attention
-from ._fwd import attention_forward, sigmoid_from_log2
+from . import _bwd, _fwd, _fwd_ws, sigmoid_attention
+from ._fwd import attention_forward
+from ._tile import sigmoid_from_log2
 
 Row = dict[str, object]
 
@@ -283,7 +284,8 @@ def main() -> None:
                         f"bwd {r['ours_bwd'] / dense['ours_bwd']:.2f}"
                     )
     tuned = {}
-    for name, tuner in (("fwd", _fwd._fwd_tuned), ("dkdv", _bwd._dkdv_tuned), ("dq", _bwd._dq_tuned)):
+    tuners = (("fwd", _fwd._fwd_tuned), ("fwd_ws", _fwd_ws._tuned), ("dkdv", _bwd._dkdv_tuned), ("dq", _bwd._dq_tuned))
+    for name, tuner in tuners:
         for key, cfg in getattr(tuner, "cache", {}).items():
             tuned[f"{name} {key}"] = str(cfg)
             print(f"chosen config {name} {key}: {cfg}")

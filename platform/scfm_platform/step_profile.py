@@ -36,8 +36,9 @@ def phase(name: str) -> record_function:
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.I))
     for name, pattern in (
-        ("attention fwd (sigmoid)", r"_fwd_kernel"),
-        ("attention bwd (sigmoid)", r"_dkdv_kernel|_dq_kernel|_dq_ds_kernel"),
+        # scfm_kernels' own names, not as the tail of another's (SDPA flash's kernel is `flash_fwd_kernel`).
+        ("attention fwd (sigmoid)", r"(?<![a-z0-9])_fwd(?:_ws)?_kernel"),
+        ("attention bwd (sigmoid)", r"(?<![a-z0-9])(?:_dkdv_kernel|_dq_kernel|_dq_ds_kernel)"),
         ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention"),
         ("optimizer", r"adam|multi_tensor|foreach"),
         ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),

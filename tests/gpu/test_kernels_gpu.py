@@ -80,6 +80,35 @@ def test_every_forward_launch_of_the_autotuner_list_is_correct():
             assert torch.all(out[b, n:] == 0), f"{cfg}: out[{b}, {n}:] (padding) is not exactly 0"
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_warp_specialized_forward_launch_is_correct(D):
+    """Each launch of the warp-specialized forward's list (three consumers, 64 or 128 keys per stage), padded
+    with GQA and lengths T, 1 and T/2 + 3, and packed; it must also be what runs by default."""
+    from scfm_kernels import _fwd_ws
+    from scfm_kernels._fwd import attention_forward
+
+    B, T, H, K = 3, 2048, 4, 2
+    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref = sk.sigmoid_attention_reference(q.double(), k.double(), v.double(), lens)
+    cu = torch.tensor([0, 700, 701, 701, 2000], device="cuda", dtype=torch.int32)  # with an empty sequence
+    qp, kp, vp = (t[0, :2000].contiguous() for t in (q, k, v))
+    ref_p = sk.sigmoid_attention_varlen_reference(qp.double(), kp.double(), vp.double(), cu, 1299)
+    bias_p = -torch.log((cu[1:] - cu[:-1]).clamp(min=1).float())
+    assert _fwd_ws.supported(q, True), "the warp-specialized forward should serve bf16 at this head dim"
+    for cfg in _fwd_ws.fwd_ws_configs(D):
+        cfg = dict(cfg, KERNEL="ws")
+        out = attention_forward(q, k, v, lens, -torch.log(lens.float()), D**-0.5, False, T, config=cfg)
+        err = _relerr(out, ref)
+        assert err < TOL[torch.bfloat16], f"{cfg}: relative error {err:.2e}"
+        for b, n in enumerate(lens.tolist()):
+            assert torch.all(out[b, n:] == 0), f"{cfg}: out[{b}, {n}:] (padding) is not exactly 0"
+        out_p = attention_forward(qp, kp, vp, cu, bias_p, D**-0.5, True, 1299, config=cfg)
+        err = _relerr(out_p, ref_p)
+        assert err < TOL[torch.bfloat16], f"{cfg}, packed: relative error {err:.2e}"
+
+
 def test_every_backward_launch_of_the_autotuner_lists_is_correct():
     """Each dK/dV, dQ and dQ-from-dS config the autotuners may pick, with GQA and padding: the stored-dS path
     (dK/dV configs with the first dQ-from-dS config and the other way round, one (batch, key head) pair per launch

@@ -15,7 +15,7 @@ import triton.language as tl
 
 import scfm_kernels as sk
 from scfm_kernels import _common, _op
-from scfm_kernels._fwd import sigmoid_parts
+from scfm_kernels._tile import sigmoid_parts
 
 interpret_only = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",

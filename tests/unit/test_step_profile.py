@@ -15,6 +15,15 @@ from scfm_platform.step_profile import by_category, category
     ("name", "expected"),
     [
         ("_fwd_kernel", "attention fwd (sigmoid)"),
+        ("_fwd_ws_kernel", "attention fwd (sigmoid)"),
+        (
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false>>",
+            "attention (softmax)",
+        ),
+        (
+            "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>",
+            "attention (softmax)",
+        ),
         ("_dkdv_kernel", "attention bwd (sigmoid)"),
         ("_dq_kernel", "attention bwd (sigmoid)"),
         ("_dq_ds_kernel", "attention bwd (sigmoid)"),

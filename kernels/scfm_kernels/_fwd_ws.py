@@ -1,0 +1,330 @@
+"""Hopper forward, warp-specialized: the forward of `_fwd` with its warp groups decoupled.
+
+Shape key as in `_fwd`: B batch, T padded length (or the longest sequence when packed), H query heads, D head dim.
+
+One program owns NUM_CONSUMERS·BLOCK_M query rows of one (batch, head) and runs NUM_CONSUMERS + 1 partitions
+(`gl.warp_specialize`):
+  - a loader (the default partition; one thread issues the copies): streams the sequence's key and value blocks
+    into NUM_BUF shared-memory stages with tensor-memory-accelerator copies bounded to its n keys (rows past n
+    arrive as zeros, so no block needs a mask: v's zero rows cancel whatever weight meets them);
+  - NUM_CONSUMERS consumers (one warp group and BLOCK_M = 64 rows each; the autotuner's list uses three) that share
+    every stage and release it on an mbarrier when all are done with it.
+Each consumer overlaps its own work (`_key_loop`): it issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back as
+asynchronous warp-group products, then computes the weights P_j = sigmoid(S_j) while O's product runs. No CTA-wide
+barrier joins the consumers, so one consumer's weights run under another's products: the schedule `_fwd` cannot
+express, whose two warp groups meet at a barrier every key block (docs/benchmarks.md, run 12). Measured on the
+H200 (run 14): 577–587 TFLOPS at D = 128, L = 8K/16K, dense and 25% padded, against 531–540 dense for `_fwd`.
+
+Same arithmetic as `_fwd` (`sigmoid_from_log2`), same output: rows past a sequence's end are written as 0 in the
+padded layout and not at all when packed. Needs a Hopper GPU, 16-bit inputs that `tma_ok` accepts and D ∈ {64,
+128}; `supported` says whether a call qualifies, and `_fwd.attention_forward` falls back to the Triton kernel
+otherwise. Not run by the CPU interpreter (Gluon has none): tests/gpu checks it against float64, and
+tests/unit compiles every launch for sm_90 (`compile_sm90`) to check that none spills registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton ≥ 3.5; without it the Triton kernel serves every call.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+    # Triton 3.6 (the GPU machine's) names the descriptor load async_copy_global_to_shared; later ones async_load.
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+from ._common import AUTOTUNE, INTERPRET
+
+HEAD_DIMS = (64, 128)
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon and this process may compile for the GPU (not the CPU interpreter)."""
+    return gluon is not None and not INTERPRET
+
+
+def supported(q: torch.Tensor, use_tma: bool) -> bool:
+    """Whether the warp-specialized forward serves q [.., T, H, D]: Hopper (compute capability 9), 16-bit, D in
+    HEAD_DIMS, descriptor-friendly layouts (use_tma, `_common.tma_ok`)."""
+    return (
+        available()
+        and use_tma
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] in HEAD_DIMS
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+    )
+
+
+if gluon is not None:
+    from ._tile import seq_bounds, sigmoid_from_log2
+
+    @gluon.jit
+    def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
+        (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
+         k_smem, v_smem, k_ready, v_ready, kv_free) = args  # fmt: skip
+        kv_layout: gl.constexpr = k_smem.type.layout
+        k_desc = tma.make_tensor_descriptor(
+            K + b * stride_kb + start * stride_kt + hk * stride_kh,
+            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM],
+            layout=kv_layout,
+        )  # fmt: skip
+        v_desc = tma.make_tensor_descriptor(
+            V + b * stride_vb + start * stride_vt + hk * stride_vh,
+            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM],
+            layout=kv_layout,
+        )  # fmt: skip
+        nbytes: gl.constexpr = BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
+        for j in range(n_blocks):
+            stage = j % NUM_BUF
+            # A fresh barrier counts as having completed the phase before its first: the first NUM_BUF waits pass.
+            mbarrier.wait(kv_free.index(stage), ((j // NUM_BUF) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(stage), nbytes)
+            tma_load(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), nbytes)
+            tma_load(v_desc, [j * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
+
+    @gluon.jit
+    def _weights(s, neg_scale_log2e, bias_log2, dtype: gl.constexpr, p_layout: gl.constexpr, SIG: gl.constexpr):
+        """[BLOCK_M, BLOCK_N] float32 scores → 16-bit weights in the register layout of the P·V product's A."""
+        p = sigmoid_from_log2(s * neg_scale_log2e + bias_log2, False, False, SIG)
+        return gl.convert_layout(p.to(dtype), p_layout)
+
+    @gluon.jit
+    def _key_loop(
+        q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
+        p_layout: gl.constexpr, NUM_BUF: gl.constexpr, SIG: gl.constexpr,
+    ):  # fmt: skip
+        """One consumer's key loop: per block j, S_j and P_{j-1}·V_{j-1} are issued together, S_j awaited, P_j computed
+        under the P·V product, which is awaited before the next block. acc [BLOCK_M, D] float32; returns it.
+        (Issuing S_{j+1} before computing P_j, one P·V product in flight across blocks, measured 8–12% slower with
+        three consumers: docs/benchmarks.md, run 14.)"""
+        dtype: gl.constexpr = q_smem.dtype
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        p = _weights(s, neg_scale_log2e, bias_log2, dtype, p_layout, SIG)
+        for j in range(1, n_blocks):
+            stage = j % NUM_BUF
+            prev = (j - 1) % NUM_BUF
+            mbarrier.wait(k_ready.index(stage), (j // NUM_BUF) & 1)
+            s_next = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
+            acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+            # Products retire in issue order: one outstanding means S_j is done and P_{j-1}·V_{j-1} may run on.
+            s = warpgroup_mma_wait(1, deps=(s_next,))
+            p_next = _weights(s, neg_scale_log2e, bias_log2, dtype, p_layout, SIG)
+            acc, _ = warpgroup_mma_wait(0, deps=(acc, p))
+            mbarrier.arrive(kv_free.index(prev))
+            p = p_next
+        last = (n_blocks - 1) % NUM_BUF
+        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_BUF) & 1)
+        acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, p))
+        mbarrier.arrive(kv_free.index(last))
+        return acc
+
+    @gluon.jit
+    def _consumer(
+        args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr,
+    ):  # fmt: skip
+        """Consumer WG (0-based) of the program: query rows [row0 + WG·BLOCK_M, + BLOCK_M)."""
+        (Q, O, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b, h,
+         start, n, n_blocks, row0, T_MAX, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_free) = args  # fmt: skip
+        row0 = row0 + WG * BLOCK_M
+        q_smem = q_smem.index(WG)
+        q_ready = q_ready.index(WG)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+        q_desc = tma.make_tensor_descriptor(
+            Q + b * stride_qb + start * stride_qt + h * stride_qh,
+            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM],
+            layout=q_smem.type.layout,
+        )  # fmt: skip
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        if n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)
+            mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
+            tma_load(q_desc, [row0, 0], q_ready, q_smem)
+            mbarrier.wait(q_ready, 0)
+            acc = _key_loop(
+                q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
+                p_layout, NUM_BUF, SIG,
+            )  # fmt: skip
+
+        offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        acc = gl.where((offs_m < n)[:, None], acc, 0.0)
+        o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
+        o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :]
+        store_rows = offs_m < n if VARLEN else offs_m < T_MAX
+        gl.store(o_ptrs, acc.to(dtype), mask=store_rows[:, None])
+
+    @gluon.jit
+    def _fwd_ws_kernel(
+        Q, K, V, O, SEQ, BIAS,
+        neg_scale_log2e,
+        stride_qb, stride_qt, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ob, stride_ot, stride_oh,
+        T_MAX, H,
+        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+        NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0,
+    ):  # fmt: skip
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = (pid_bh // H).to(gl.int64)
+        h = pid_bh % H
+        hk = h // GROUP
+        start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+        bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
+        row0 = pid_m * (NUM_CONSUMERS * BLOCK_M)
+        # A program whose rows all lie past the sequence's end loads no keys; it only writes zeros (padded layout).
+        n_blocks = gl.where(row0 < n, gl.cdiv(n, BLOCK_N), 0)
+
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        kv_free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_CONSUMERS):
+            mbarrier.init(q_ready.index(i), count=1)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_free.index(i), count=NUM_CONSUMERS)  # every consumer releases each stage
+
+        kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
+              k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
+        c = (Q, O, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b, h,
+             start, n, n_blocks, row0, T_MAX, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_free)  # fmt: skip
+        # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
+        if NUM_CONSUMERS == 2:
+            gl.warp_specialize(
+                [
+                    (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
+                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, CONSUMER_REGS],
+            )
+        else:
+            gl.static_assert(NUM_CONSUMERS == 3, "NUM_CONSUMERS must be 2 or 3")
+            gl.warp_specialize(
+                [
+                    (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
+                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                ],
+                [4, 4, 4],
+                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
+            )
+
+
+def _launch(dims: tuple[int, ...], consumers: int, block_n: int, stages: int, regs: int) -> dict:
+    return dict(DIMS=dims, NUM_CONSUMERS=consumers, BLOCK_M=64, BLOCK_N=block_n, NUM_BUF=stages, CONSUMER_REGS=regs)
+
+
+def fwd_ws_configs(head_dim: int | None = None) -> list[dict]:
+    """The launches the autotuner chooses from (for one head dim, or all): NUM_CONSUMERS warp groups of BLOCK_M
+    query rows, BLOCK_N keys per stage, NUM_BUF stages, CONSUMER_REGS registers per consumer thread (the loader
+    keeps the rest). None spills registers (ptxas, sm_90: tests/unit/test_kernels_ws.py). Sweep of 2026-12-01
+    (tests/gpu/probe_fwd_ws.py; docs/benchmarks.md, run 14), D = 128, TFLOPS at 8K dense / 8K p = .25 / 16K dense:
+    two consumers, 64 keys, 3 stages 557 / 541 / 569, 4 stages 551 / 523 / 557, 128 keys 529 / 511 / 548; three
+    consumers, 64 keys, 3 / 4 / 5 stages 582 / 567 / 598, 598 / 499 / 603, 584 / 560 / 595. D = 64, 8K dense:
+    three consumers, 128 keys, 3 stages 455 (two consumers 404), 64 keys, 4 stages 437."""
+    configs = [
+        _launch((128,), 3, 64, 4, 160),
+        _launch((128,), 3, 64, 3, 160),
+        _launch((64,), 3, 128, 3, 160),
+        _launch((64,), 3, 64, 4, 160),
+    ]
+    return [{k: v for k, v in c.items() if k != "DIMS"} for c in configs if head_dim is None or head_dim in c["DIMS"]]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    mine = fwd_ws_configs(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+    kept = [c for c in configs if c.kwargs in mine]
+    return kept if AUTOTUNE else kept[:1]
+
+
+_KEY = ["HEAD_DIM", "GROUP", "VARLEN", "SIG", "LEN_BUCKET"]
+_tuned = (
+    triton.autotune(
+        configs=[triton.Config(c, num_warps=4) for c in fwd_ws_configs()],
+        key=_KEY,
+        prune_configs_by={"early_config_prune": _prune},
+    )(_fwd_ws_kernel)
+    if available()
+    else None
+)
+
+
+def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | None = None) -> None:
+    """Launches the warp-specialized forward: args as `_fwd._fwd_kernel`'s, meta its keyword arguments (the ones
+    named in the autotune key are used); config, a fixed launch from `fwd_ws_configs()` instead of the autotuner."""
+    keep = {k: meta[k] for k in _KEY}
+    if config is None:
+        _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * m["BLOCK_M"]), B * H)](*args, **keep)
+    else:
+        grid = (triton.cdiv(t_max, config.get("NUM_CONSUMERS", 2) * config["BLOCK_M"]), B * H)
+        _fwd_ws_kernel[grid](*args, **keep, **config, num_warps=4)
+
+
+def compile_sm90(head_dim: int, config: dict, varlen: bool = False, dtype: str = "bf16") -> dict[str, object]:
+    """Compiles the warp-specialized forward for Hopper (sm_90) without a GPU, for static checks: returns the
+    dynamic shared memory in bytes, the warps, the PTX, and the resource line `cuobjdump` prints for the cubin
+    (registers, stack, local memory: a nonzero STACK or LOCAL means spilled registers). Needs a process without
+    TRITON_INTERPRET=1 (`available()`)."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    if not available():
+        raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "SEQ": "*i32", "BIAS": "*fp32"}
+    constexprs = dict(GROUP=1, HEAD_DIM=head_dim, VARLEN=varlen, SIG=3 if dtype == "bf16" else 1, **config)
+    names = _fwd_ws_kernel.arg_names
+    signature = {
+        a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "neg_scale_log2e" else "i32")
+        for a in names
+    }
+    constexprs = {a: v for a, v in constexprs.items() if a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in pointers}
+    src = GluonASTSource(fn=_fwd_ws_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    resources = next(line.strip() for line in usage.splitlines() if "REG:" in line)
+    return {"shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps, "ptx": kernel.asm["ptx"],
+            "resources": resources}  # fmt: skip

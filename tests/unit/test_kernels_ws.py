@@ -1,0 +1,77 @@
+"""The warp-specialized Hopper forward (`scfm_kernels._fwd_ws`) where no GPU is: its launch list fits the chip's
+budgets, every launch compiles for sm_90 without spilling registers, and calls it cannot serve are refused.
+
+Its numerics run on the GPU only (tests/gpu/test_kernels_gpu.py): Gluon has no CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scfm_kernels import _fwd, _fwd_ws
+
+SMEM_BYTES = 232_448  # an H100/H200 program's shared-memory limit (227 KiB)
+REGS_PER_SM = 65_536
+
+
+@pytest.mark.parametrize("head_dim", _fwd_ws.HEAD_DIMS)
+def test_every_launch_fits_shared_memory_and_registers(head_dim):
+    configs = _fwd_ws.fwd_ws_configs(head_dim)
+    assert configs, f"no launch for D={head_dim}"
+    for c in configs:
+        q = c["NUM_CONSUMERS"] * c["BLOCK_M"] * head_dim * 2
+        kv = 2 * c["NUM_BUF"] * c["BLOCK_N"] * head_dim * 2
+        assert q + kv + 1024 <= SMEM_BYTES, f"{c}: {q + kv} bytes of tiles"
+        assert c["CONSUMER_REGS"] % 8 == 0 and 24 <= c["CONSUMER_REGS"] <= 256, c
+        # Consumers' warp groups at CONSUMER_REGS each, the loader's at least 24 (setmaxnreg's floor).
+        assert c["NUM_CONSUMERS"] * 128 * c["CONSUMER_REGS"] + 128 * 24 <= REGS_PER_SM, c
+
+
+_COMPILE = """
+import json, sys
+from scfm_kernels import _fwd_ws
+out = []
+for d in _fwd_ws.HEAD_DIMS:
+    configs = _fwd_ws.fwd_ws_configs(d)
+    runs = [(c, False, "bf16") for c in configs] + [(configs[0], True, "bf16"), (configs[0], False, "fp16")]
+    for c, varlen, dtype in runs:
+        r = _fwd_ws.compile_sm90(d, c, varlen=varlen, dtype=dtype)
+        ptx = r["ptx"]
+        out.append(dict(d=d, config=c, varlen=varlen, dtype=dtype, shared=r["shared"], resources=r["resources"],
+                        wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
+                        mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"]))
+json.dump(out, sys.stdout)
+"""
+
+
+def test_every_launch_compiles_for_hopper_without_spills():
+    """ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled registers), shared
+    memory within the limit, warp-group products, register reallocation and mbarrier waits in the PTX."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == sum(len(_fwd_ws.fwd_ws_configs(d)) + 2 for d in _fwd_ws.HEAD_DIMS)
+    for r in results:
+        what = f"D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
+        assert "STACK:0 " in r["resources"] and "LOCAL:0 " in r["resources"], f"{what} spills: {r['resources']}"
+        assert r["shared"] + 1024 <= SMEM_BYTES, f"{what}: {r['shared']} bytes of shared memory"
+        assert r["wgmma"] and r["setmaxnreg"] and r["mbarrier"], f"{what}: not the warp-specialized wgmma kernel"
+        assert r["num_warps"] == 4 * (r["config"]["NUM_CONSUMERS"] + 1), what
+
+
+def test_calls_it_cannot_serve_are_refused_or_fall_back():
+    q = torch.randn(1, 64, 2, 64)
+    assert not _fwd_ws.supported(q, True), "CPU tensors (and the interpreter) must take the Triton kernel"
+    lens = torch.tensor([64], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"KERNEL='ws' needs Hopper.*D=64"):
+        _fwd.attention_forward(q, q, q, lens, torch.zeros(1), 0.125, False, 64, config=dict(KERNEL="ws"))
