@@ -101,7 +101,7 @@ if gluon is not None:
     ):  # fmt: skip
         """One consumer's key loop: per block j, S_j and P_{j-1}·V_{j-1} are issued together, S_j awaited, P_j computed
         under the P·V product, which is awaited before the next block. acc [BLOCK_M, D] float32; returns it.
-        (Issuing S_{j+1} before computing P_j, one P·V product in flight across blocks, measured 8–12% slower with
+        (Issuing S_{j+1} before computing P_j, one P·V product in flight across blocks, measured 9–18% slower with
         three consumers: docs/benchmarks.md, run 14.)"""
         dtype: gl.constexpr = q_smem.dtype
         mbarrier.wait(k_ready.index(0), 0)
