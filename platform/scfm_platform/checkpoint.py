@@ -48,8 +48,9 @@ def save(engine, state: TrainState, rank: int, *, run: Mapping[str, Any] | None 
     engine.save_checkpoint(str(path), tag=TAG, client_state={"train_state": asdict(state)})
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     if rank == 0:
-        layout = param_layout(getattr(engine, "module", engine))
-        (path / STATE_FILE).write_text(json.dumps({**asdict(state), "param_layout": layout}))
+        module = getattr(engine, "module", engine)
+        record = {"param_layout": param_layout(module), "weights_dtype": _weights_dtype(module)}
+        (path / STATE_FILE).write_text(json.dumps({**asdict(state), **record}))
         (path / RUN_FILE).write_text(json.dumps(_run_info(engine, run if run is not None else _payload()), indent=1))
     return path
 
@@ -66,6 +67,13 @@ def load(engine, path: str | Path, rank: int) -> TrainState:
             "group) or for another model. Its ZeRO state would load into the wrong parameters; start a new run "
             "(`launch eval` and load_model_for_inference still read its weights)."
         )
+    dtype, want = saved.pop("weights_dtype", None), _weights_dtype(getattr(engine, "module", engine))
+    if dtype is not None and dtype != want:
+        raise RunError(
+            f"checkpoint {path} was saved with {dtype} weights, this run holds {want} (train.precision: bf16 keeps "
+            "bf16 weights with DeepSpeed's fp32 master copy, fp32 and amp fp32 weights): DeepSpeed's optimizer state "
+            "differs between the two. Resume with the precision it was saved with, or start a new run."
+        )
     load_path, _ = engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
@@ -73,6 +81,11 @@ def load(engine, path: str | Path, rank: int) -> TrainState:
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
     return TrainState(**saved)
+
+
+def _weights_dtype(module) -> str:
+    """The dtype of the model's weights as DeepSpeed holds them ("torch.bfloat16" under bf16, else float32)."""
+    return str(next(module.parameters()).dtype)
 
 
 def load_model_for_inference(path, cfg=None, *, device=None):

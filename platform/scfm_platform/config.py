@@ -50,7 +50,9 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     grad_clip: float = 1.0  # global grad-norm clip; 0 turns clipping off (stress test)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # auto (bf16 on GPU, fp32 on CPU) | bf16 (bf16 weights, DeepSpeed's fp32 master copy) | fp32 | amp (fp32
+    # weights and optimizer, the forward under bf16 autocast: no DeepSpeed bf16 optimizer wrapper to run each step)
+    precision: str = "auto"
     seed: int = 0  # seeds model init and dropout
     log_every: int = 0  # steps between reports to Ray Train (progress bar, run history); 0: time-based only
     report_every_s: float = 10.0  # seconds between those reports (MLflow gets every step regardless)
@@ -140,7 +142,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.value_encoding": ("auto", "binned", "continuous"),
     "model.objective": ("gene", "value", "both"),
     "model.pooling": ("cls", "mean"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp32", "amp"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "resources.use_gpu": ("auto", "true", "false"),
     "resources.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),

@@ -3,7 +3,10 @@
 One data-service batch is one micro-batch (batches are token-budgeted, so the micro-batch size is 1 "batch").
 Optimizer: torch AdamW (no decay on biases, norms, LayerScale and embeddings); schedule: linear warm-up to
 `train.lr`, then cosine to `lr · min_lr_ratio` at `train.steps`. DeepSpeed steps the scheduler and saves it.
-Precision: bf16 on GPU, fp32 on CPU (`train.precision=auto`). Clipping: `train.grad_clip` (0: off).
+Precision: bf16 on GPU, fp32 on CPU (`train.precision=auto`); `amp` keeps fp32 weights and optimizer state and runs
+the forward under bf16 autocast (`autocast`), so DeepSpeed steps the optimizer without its bf16 wrapper (whose
+per-parameter norms, copies and host sync cost tens of milliseconds of host time per step: docs/benchmarks.md,
+run 14). Clipping: `train.grad_clip` (0: off).
 On CPU, collectives are plain gloo: DeepSpeed's JIT-compiled shared-memory op is not built (`no_shared_memory_comm`).
 """
 
@@ -24,6 +27,11 @@ from scfm_platform.config import RunConfig
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     """bf16 when asked, or on GPU with precision=auto."""
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def autocast(cfg: RunConfig, device: torch.device) -> torch.autocast:
+    """The context the forward (and loss) runs in: bf16 autocast under `train.precision=amp`, a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "amp")
 
 
 def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from scfm_data_service import schema
 from scfm_platform import checkpoint, data
 from scfm_platform.checkpoint import TrainState
 from scfm_platform.config import RunConfig, flatten, from_dict, redacted, redacted_yaml
-from scfm_platform.engine import grad_norms, initialize
+from scfm_platform.engine import autocast, grad_norms, initialize
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, layer_groups
 from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
@@ -73,7 +73,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             # Counted on the host copy: no device sync for them.
             lens, n_masked = batch[schema.SEQ_LENS], int(batch[schema.MASK].sum())
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with phase("forward"):
+        with phase("forward"), autocast(cfg, device):
             out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
             loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
         with phase("backward"):
@@ -205,8 +205,9 @@ def _validate(engine, cfg: RunConfig, rank: int, world: int, device: torch.devic
     dims = engine.module.dims
     for batch in got[:n_val]:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
-        total += masked_loss(out, batch, dims.value_encoding, dims.n_bins)[0].item()
+        with autocast(cfg, device):
+            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
+            total += masked_loss(out, batch, dims.value_encoding, dims.n_bins)[0].item()
     engine.train()
     return _all_sum([total])[0] / (n_val * world)
 

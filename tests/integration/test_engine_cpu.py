@@ -4,6 +4,7 @@ And the engine's flat parameter buffers keep every weight and bias 16-byte align
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,37 @@ SCRIPT = textwrap.dedent(
             print("layout accepted", edit)
         except RunError as e:
             print("layout refused", "another parameter layout" in str(e))
+    # One saved with other weights (bf16: DeepSpeed's bf16 optimizer state) is refused as well.
+    state = {k: v for k, v in json.loads(state_file.read_text()).items() if k != "param_layout"}
+    state_file.write_text(json.dumps({**state, "param_layout": checkpoint.param_layout(engine.module),
+                                      "weights_dtype": "torch.bfloat16"}))
+    try:
+        checkpoint.load(engine, ckpt, 0)
+        print("dtype accepted")
+    except RunError as e:
+        print("dtype refused", "saved with torch.bfloat16 weights" in str(e))
+
+    # train.precision=amp: fp32 weights and optimizer (no DeepSpeed bf16 wrapper), the forward under bf16 autocast.
+    from scfm_platform.engine import autocast
+
+    cfg = load_config(None, ["data.atlas=synthetic:64", "model.preset=tiny", "train.precision=amp",
+                             "train.warmup_steps=1"])
+    model = build_model(cfg, data.vocab_size(cfg.data))
+    engine = initialize(cfg, model, torch.device("cpu"), total_steps=4)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    losses, dtypes = [], set()
+    for _ in range(3):
+        with autocast(cfg, torch.device("cpu")):
+            out = engine(*args)
+            loss = masked_loss(out, b, dims.value_encoding, dims.n_bins)[0]
+        dtypes |= {t.dtype for t in (out.h_BTD, out.gene_logits_MV) if t is not None}
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    weights = {str(p.dtype) for p in engine.module.parameters()}
+    moved = sum(not torch.equal(p, q) for p, q in zip(engine.module.parameters(), before))
+    print("amp", engine.bfloat16_enabled(), ",".join(sorted(weights)), ",".join(sorted(map(str, dtypes))), moved,
+          *losses)
     dist.destroy_process_group()
     """
 )
@@ -115,6 +147,13 @@ def test_cpu_engine_trains_with_a_stale_extension_lock(tmp_path):
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(keys))
     layouts = [line for line in out.stdout.splitlines() if line.startswith("layout")]
     assert layouts == ["layout refused True"] * 2, layouts
+    assert "dtype refused True" in out.stdout, out.stdout[-2000:]
+    amp = next(line for line in out.stdout.splitlines() if line.startswith("amp ")).split()
+    assert amp[1] == "False", "amp must run DeepSpeed without its bf16 optimizer"
+    assert amp[2] == "torch.float32", f"amp keeps fp32 weights, got {amp[2]}"
+    assert "torch.bfloat16" in amp[3], f"the forward under amp must produce bf16 outputs, got {amp[3]}"
+    assert int(amp[4]) > 0, "no weight changed in three amp steps"
+    assert all(math.isfinite(float(v)) for v in amp[5:]), amp
     assert lines["shm_comm_op"] == "None"
     assert lines["misaligned"].split()[0] == "0", f"parameters off 16-byte boundaries: {lines['misaligned']}"
     total, want, worst_rel = (float(x) for x in lines["gradnorm"].split())
