@@ -87,3 +87,66 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def set_descriptor_allocator() -> None:
     """Device-side tensor descriptors need a small global scratch buffer per launch (Triton's allocator)."""
     triton.set_allocator(_scratch)
+
+
+# The kernels' pointer arguments by name: 16-bit data, but for these.
+_DATA_POINTERS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "DS")
+_POINTER_TYPES = {"SEQ": "*i32", "BIAS": "*fp32", "DQA": "*fp32"}
+_FLOAT_SCALARS = ("neg_scale_log2e", "scale")
+
+
+def compile_sm90(
+    kernel,
+    constexprs: dict,
+    dtype: str = "bf16",
+    *,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    gluon_kernel: bool = False,
+) -> dict[str, object]:
+    """Compiles one of the kernels for Hopper (sm_90) with ptxas but no GPU, for static checks (tests/unit): returns
+    the dynamic shared memory in bytes, the warps, the PTX, and the resource line `cuobjdump` prints for the cubin
+    (registers, stack, local memory: a nonzero STACK or LOCAL means spilled registers). Arguments not in `constexprs`:
+    the data pointers (Q, K, …) of `dtype`, SEQ int32, BIAS and DQA float32, `neg_scale_log2e` and `scale` float32,
+    the rest int32. Needs a process without TRITON_INTERPRET=1."""
+    import inspect
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("compile_sm90 needs a process without TRITON_INTERPRET=1")
+    names = kernel.arg_names
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **{a: v for a, v in constexprs.items() if a in names}}
+
+    def kind(a: str) -> str:
+        if a in constexprs:
+            return "constexpr"
+        if a in _DATA_POINTERS or a in _POINTER_TYPES:
+            return _POINTER_TYPES.get(a, f"*{dtype}")
+        return "fp32" if a in _FLOAT_SCALARS else "i32"
+
+    signature = {a: kind(a) for a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, k in signature.items() if k.startswith("*")}
+    if gluon_kernel:
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
+    else:
+        source_type = ASTSource
+    src = source_type(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    resources = next(line.strip() for line in usage.splitlines() if "REG:" in line)
+    return {"shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps, "ptx": compiled.asm["ptx"],
+            "resources": resources}  # fmt: skip

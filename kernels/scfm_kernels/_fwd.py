@@ -32,7 +32,7 @@ from ._common import (
     sigmoid_mode,
     tma_ok,
 )
-from ._tile import LOG2E, mma, seq_bounds, sigmoid_from_log2
+from ._tile import LOG2E, mma, query_head, sigmoid_from_log2
 
 # SCFM_KERNELS_FWD=triton keeps the Triton forward kernel where the warp-specialized one would run (comparisons).
 FWD_KERNEL = os.environ.get("SCFM_KERNELS_FWD", "auto")
@@ -54,12 +54,7 @@ def _fwd_kernel(
     SIG: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    hk = h // GROUP
-    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-    bias_log2 = -tl.load(BIAS + b) * 1.4426950408889634
+    b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, tl.program_id(1), H, T_MAX, GROUP, VARLEN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
 from ._common import AUTOTUNE, INTERPRET
+from ._common import compile_sm90 as common_compile_sm90
 
 HEAD_DIMS = (64, 128)
 
@@ -61,7 +62,7 @@ def supported(q: torch.Tensor, use_tma: bool) -> bool:
 
 
 if gluon is not None:
-    from ._tile import seq_bounds, sigmoid_from_log2
+    from ._tile import query_head, sigmoid_from_log2
 
     @gluon.jit
     def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
@@ -185,14 +186,8 @@ if gluon is not None:
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0,
     ):  # fmt: skip
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        b = (pid_bh // H).to(gl.int64)
-        h = pid_bh % H
-        hk = h // GROUP
-        start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-        bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
-        row0 = pid_m * (NUM_CONSUMERS * BLOCK_M)
+        b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, gl.program_id(1), H, T_MAX, GROUP, VARLEN)
+        row0 = gl.program_id(0) * (NUM_CONSUMERS * BLOCK_M)
         # A program whose rows all lie past the sequence's end loads no keys; it only writes zeros (padded layout).
         n_blocks = gl.where(row0 < n, gl.cdiv(n, BLOCK_N), 0)
 
@@ -293,38 +288,8 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
 
 
 def compile_sm90(head_dim: int, config: dict, varlen: bool = False, dtype: str = "bf16") -> dict[str, object]:
-    """Compiles the warp-specialized forward for Hopper (sm_90) without a GPU, for static checks: returns the
-    dynamic shared memory in bytes, the warps, the PTX, and the resource line `cuobjdump` prints for the cubin
-    (registers, stack, local memory: a nonzero STACK or LOCAL means spilled registers). Needs a process without
-    TRITON_INTERPRET=1 (`available()`)."""
-    import os
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
+    """The warp-specialized forward at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "SEQ": "*i32", "BIAS": "*fp32"}
     constexprs = dict(GROUP=1, HEAD_DIM=head_dim, VARLEN=varlen, SIG=3 if dtype == "bf16" else 1, **config)
-    names = _fwd_ws_kernel.arg_names
-    signature = {
-        a: pointers.get(a) or ("constexpr" if a in constexprs else "fp32" if a == "neg_scale_log2e" else "i32")
-        for a in names
-    }
-    constexprs = {a: v for a, v in constexprs.items() if a in names}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in pointers}
-    src = GluonASTSource(fn=_fwd_ws_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run(
-            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    resources = next(line.strip() for line in usage.splitlines() if "REG:" in line)
-    return {"shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps, "ptx": kernel.asm["ptx"],
-            "resources": resources}  # fmt: skip
+    return common_compile_sm90(_fwd_ws_kernel, constexprs, dtype, num_warps=4, gluon_kernel=True)

@@ -120,3 +120,13 @@ def seq_bounds(SEQ, b, T_MAX, VARLEN: tl.constexpr):
         start = 0
         n = tl.minimum(tl.load(SEQ + b), T_MAX)
     return start, n
+
+
+@triton.jit
+def query_head(SEQ, BIAS, pid_bh, H, T_MAX, GROUP: tl.constexpr, VARLEN: tl.constexpr):
+    """What a query-side program (axis-1 index pid_bh = b·H + h) works on: (b, h, key head h // GROUP, the
+    sequence's first row and length as `seq_bounds` gives them, −bias·log2 e)."""
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    return b, h, h // GROUP, start, n, -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)

@@ -69,6 +69,38 @@ def test_every_launch_compiles_for_hopper_without_spills():
         assert r["num_warps"] == 4 * (r["config"]["NUM_CONSUMERS"] + 1), what
 
 
+_COMPILE_TRITON = """
+import json, sys
+from scfm_kernels import _bwd, _common, _fwd
+base = dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, VARLEN=False, DOT_MODE=0, USE_TMA=True, LEN_BUCKET=8192)
+runs = [("fwd", _fwd._fwd_kernel, _fwd._fwd_configs()[0], dict(FAST_SIGMOID=False, WS=False, SIG=3)),
+        ("dkdv", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=0)),
+        ("dkdv+ds", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=1)),
+        ("dq", _bwd._dq_kernel, _bwd._dq_configs()[0], dict(SIG=1)),
+        ("dq_ds", _bwd._dq_ds_kernel, _bwd._dq_ds_configs()[0], {})]
+out = {}
+for name, kernel, c, extra in runs:
+    r = _common.compile_sm90(kernel, {**base, **c.kwargs, **extra}, num_warps=c.num_warps, num_stages=c.num_stages)
+    out[name] = dict(resources=r["resources"], ex2="ex2.approx.ftz.f32" in r["ptx"], wgmma="wgmma" in r["ptx"])
+json.dump(out, sys.stdout)
+"""
+
+
+def test_the_triton_kernels_compile_for_hopper():
+    """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
+    float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_TRITON], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds"}
+    for name, r in got.items():
+        assert r["wgmma"], f"{name}: no warp-group products in the PTX ({r['resources']})"
+        assert r["ex2"] or name == "dq_ds", f"{name}: the sigmoid's flush-to-zero ex2 is missing"
+
+
 def test_calls_it_cannot_serve_are_refused_or_fall_back():
     q = torch.randn(1, 64, 2, 64)
     assert not _fwd_ws.supported(q, True), "CPU tensors (and the interpreter) must take the Triton kernel"
