@@ -19,10 +19,13 @@ D head dim, BD head dim padded to a power of two.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from . import _bwd_ws
 from ._common import (
     AUTOTUNE,
     INTERPRET,
@@ -35,6 +38,10 @@ from ._common import (
     tma_ok,
 )
 from ._tile import LOG2E, mma, query_head, seq_bounds, sigmoid_parts
+
+# SCFM_KERNELS_BWD=ws: the stored-dS path's dK/dV kernel is the warp-specialized one (`_bwd_ws`, opt-in: not yet
+# measured on a GPU).
+BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "triton")
 
 
 @triton.jit
@@ -510,7 +517,9 @@ def attention_backward(
     dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`;
     dq_config is the launch of whichever dQ kernel runs. Benchmark-only keys: USE_TMA=False (pointer loads,
     "recompute" only), ATOMIC_DQ 1 (element atomics) or 2 (bulk reduce, default) for "one_pass", STORE_DS 1
-    (pointer stores, default) or 2 (descriptor stores) for "stored"."""
+    (pointer stores, default) or 2 (descriptor stores) for "stored", KERNEL="ws" (with none or one launch of
+    `_bwd_ws.dkdv_ws_configs()`) for the warp-specialized dK/dV kernel of "stored" (SCFM_KERNELS_BWD=ws makes it
+    the default where it can run)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     if varlen:
@@ -565,11 +574,17 @@ def attention_backward(
         chunk, ds = pairs, dq_acc
     s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
     s_out = [*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), ds.stride(0), ds.stride(1)]
+    ws = _ws_dkdv(path, q, use_tma, kcfg)
+    if kcfg is not None:
+        kcfg.pop("KERNEL", None)
     for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
         c = min(chunk, pairs - pair0)
         args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0)
-        grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
-        _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
+        if ws:
+            _bwd_ws.launch(args, kmeta, t_max, c, kcfg or None)
+        else:
+            grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
+            _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
         if path == "stored":
             args = (ds, k, dq, seq, scale, ds.stride(0), ds.stride(1), *_bth(k, varlen), *_bth(dq, varlen))
             grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_M"]), c * G)  # noqa: E731
@@ -584,6 +599,21 @@ def attention_backward(
     if varlen:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv
+
+
+def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None) -> bool:
+    """Whether the stored path's dK/dV kernel is the warp-specialized one (`_bwd_ws`): asked for with
+    dkdv_config KERNEL="ws" (an error where it cannot run) or SCFM_KERNELS_BWD=ws (where it can)."""
+    asked = (kcfg or {}).get("KERNEL", "triton")
+    if asked not in ("triton", "ws"):
+        raise ValueError(f"dkdv_config KERNEL={asked!r}: expected 'triton' or 'ws'")
+    if asked == "ws" and not (path == "stored" and _bwd_ws.supported(q, use_tma)):
+        raise ValueError(
+            f"dkdv_config KERNEL='ws' needs the stored-dS path on Hopper with 16-bit descriptor-friendly inputs and D "
+            f"in {_bwd_ws.HEAD_DIMS}; got path {path!r}, {q.dtype}, D={q.shape[-1]} on {q.device}"
+        )
+    default = BWD_KERNEL == "ws" and kcfg is None and path == "stored" and _bwd_ws.supported(q, use_tma)
+    return asked == "ws" or default
 
 
 def _bth(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:

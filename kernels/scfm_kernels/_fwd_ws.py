@@ -32,8 +32,10 @@ try:  # Gluon ships with Triton ≥ 3.5; without it the Triton kernel serves eve
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    # Triton 3.6 (the GPU machine's) names the descriptor load async_copy_global_to_shared; later ones async_load.
+    # Triton 3.6 (the GPU machine's) names the descriptor copies async_copy_global_to_shared and
+    # async_copy_shared_to_global; later ones async_load and async_store.
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from . import _bwd, _fwd, _fwd_ws, sigmoid_attention
+from . import _bwd, _bwd_ws, _fwd, _fwd_ws, sigmoid_attention
 from ._fwd import attention_forward
 from ._tile import sigmoid_from_log2
 
@@ -46,6 +46,16 @@ def _scratch_mib(value: str):
             del os.environ["SCFM_KERNELS_DS_SCRATCH_MIB"]
         else:
             os.environ["SCFM_KERNELS_DS_SCRATCH_MIB"] = old
+
+
+@contextlib.contextmanager
+def _bwd_kernel(name: str):
+    """The stored path's dK/dV kernel inside the block: "ws" (`_bwd_ws`) or "triton" (SCFM_KERNELS_BWD)."""
+    old, _bwd.BWD_KERNEL = _bwd.BWD_KERNEL, name
+    try:
+        yield
+    finally:
+        _bwd.BWD_KERNEL = old
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -128,6 +138,10 @@ def run_table(
                 with _scratch_mib("0"):  # no scratch for dS: the dQ kernel recomputes it (the "recompute" path)
                     _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_bwd_rc"] = _tflops(2.5 * flops, bwd)
+                if _bwd_ws.supported(q, True) and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored":
+                    with _bwd_kernel("ws"):  # the stored path with the warp-specialized dK/dV kernel (opt-in)
+                        _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
+                    row["ours_bwd_ws"] = _tflops(2.5 * flops, bwd)
                 if ts is not None and D in ts_dims:
                     if pad == 0:
                         ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
@@ -164,6 +178,7 @@ _COLS = [
     "ours_fwd",
     "ours_bwd",
     "ours_bwd_rc",
+    "ours_bwd_ws",
     "ours_bwd_1p",
     "ts_fwd",
     "ts_bwd",
@@ -284,7 +299,8 @@ def main() -> None:
                         f"bwd {r['ours_bwd'] / dense['ours_bwd']:.2f}"
                     )
     tuned = {}
-    tuners = (("fwd", _fwd._fwd_tuned), ("fwd_ws", _fwd_ws._tuned), ("dkdv", _bwd._dkdv_tuned), ("dq", _bwd._dq_tuned))
+    tuners = (("fwd", _fwd._fwd_tuned), ("fwd_ws", _fwd_ws._tuned), ("dkdv", _bwd._dkdv_tuned),
+              ("dkdv_ws", _bwd_ws._tuned), ("dq", _bwd._dq_tuned))  # fmt: skip
     for name, tuner in tuners:
         for key, cfg in getattr(tuner, "cache", {}).items():
             tuned[f"{name} {key}"] = str(cfg)

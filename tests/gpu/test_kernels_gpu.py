@@ -109,6 +109,34 @@ def test_every_warp_specialized_forward_launch_is_correct(D):
         assert err < TOL[torch.bfloat16], f"{cfg}, packed: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_warp_specialized_dkdv_launch_is_correct(D):
+    """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, opt-in) at each launch of its list:
+    GQA, lengths T, 1 and T/2 + 3, against float64; bitwise the same on a second run (deterministic)."""
+    from scfm_kernels import _bwd_ws
+    from scfm_kernels._bwd import attention_backward
+
+    B, T, H, K = 3, 2048, 4, 2
+    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
+    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+    bias = -torch.log(lens.float())
+    for cfg in _bwd_ws.dkdv_ws_configs(D):
+        run = lambda c=cfg: attention_backward(  # noqa: E731
+            go, q, k, v, lens, bias, D**-0.5, False, T, dkdv_config=dict(c, KERNEL="ws"), dq_path="stored"
+        )
+        got = run()
+        for name, t, ref in zip(("dq", "dk", "dv"), got, refs):
+            err = _relerr(t, ref)
+            assert err < TOL[torch.bfloat16], f"{name} with {cfg}: relative error {err:.2e}"
+            for b, n in enumerate(lens.tolist()):
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0 ({cfg})"
+        again = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{cfg}: two runs differ"
+
+
 def test_every_backward_launch_of_the_autotuner_lists_is_correct():
     """Each dK/dV, dQ and dQ-from-dS config the autotuners may pick, with GQA and padding: the stored-dS path
     (dK/dV configs with the first dQ-from-dS config and the other way round, one (batch, key head) pair per launch

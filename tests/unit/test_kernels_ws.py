@@ -15,10 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from scfm_kernels import _fwd, _fwd_ws
+from scfm_kernels import _bwd, _bwd_ws, _fwd, _fwd_ws
 
 SMEM_BYTES = 232_448  # an H100/H200 program's shared-memory limit (227 KiB)
 REGS_PER_SM = 65_536
+
+
+@pytest.mark.parametrize("head_dim", _bwd_ws.HEAD_DIMS)
+def test_every_dkdv_launch_fits_the_register_budget(head_dim):
+    configs = _bwd_ws.dkdv_ws_configs(head_dim)
+    assert configs, f"no dK/dV launch for D={head_dim}"
+    for c in configs:
+        assert c["CONSUMER_REGS"] % 8 == 0 and c["NUM_CONSUMERS"] * 128 * c["CONSUMER_REGS"] + 128 * 24 <= REGS_PER_SM
+        tiles = 2 * c["NUM_CONSUMERS"] * 64 * head_dim + 2 * c["NUM_BUF"] * c["BLOCK_M"] * head_dim
+        assert (tiles + c["NUM_CONSUMERS"] * 64 * c["BLOCK_M"]) * 2 + 1024 <= SMEM_BYTES, c
 
 
 @pytest.mark.parametrize("head_dim", _fwd_ws.HEAD_DIMS)
@@ -36,7 +46,7 @@ def test_every_launch_fits_shared_memory_and_registers(head_dim):
 
 _COMPILE = """
 import json, sys
-from scfm_kernels import _fwd_ws
+from scfm_kernels import _bwd_ws, _fwd_ws
 out = []
 for d in _fwd_ws.HEAD_DIMS:
     configs = _fwd_ws.fwd_ws_configs(d)
@@ -46,23 +56,32 @@ for d in _fwd_ws.HEAD_DIMS:
         ptx = r["ptx"]
         out.append(dict(d=d, config=c, varlen=varlen, dtype=dtype, shared=r["shared"], resources=r["resources"],
                         wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
-                        mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"]))
+                        mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="fwd"))
+    for c in _bwd_ws.dkdv_ws_configs(d):
+        for group, varlen in ((1, False), (2, True)):
+            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group)
+            ptx = r["ptx"]
+            out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
+                            wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
+                            mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="dkdv"))
 json.dump(out, sys.stdout)
 """
 
 
 def test_every_launch_compiles_for_hopper_without_spills():
-    """ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled registers), shared
-    memory within the limit, warp-group products, register reallocation and mbarrier waits in the PTX."""
+    """Every launch of the warp-specialized forward and dK/dV kernels, ptxas for sm_90 in a process without the
+    interpreter: no stack or local memory (spilled registers), shared memory within the limit, warp-group products,
+    register reallocation and mbarrier waits in the PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
     env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
-    assert len(results) == sum(len(_fwd_ws.fwd_ws_configs(d)) + 2 for d in _fwd_ws.HEAD_DIMS)
+    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 2 + 2 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
+    assert len(results) == want
     for r in results:
-        what = f"D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
+        what = f"{r['kernel']} D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
         assert "STACK:0 " in r["resources"] and "LOCAL:0 " in r["resources"], f"{what} spills: {r['resources']}"
         assert r["shared"] + 1024 <= SMEM_BYTES, f"{what}: {r['shared']} bytes of shared memory"
         assert r["wgmma"] and r["setmaxnreg"] and r["mbarrier"], f"{what}: not the warp-specialized wgmma kernel"
@@ -107,3 +126,8 @@ def test_calls_it_cannot_serve_are_refused_or_fall_back():
     lens = torch.tensor([64], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"KERNEL='ws' needs Hopper.*D=64"):
         _fwd.attention_forward(q, q, q, lens, torch.zeros(1), 0.125, False, 64, config=dict(KERNEL="ws"))
+    assert not _bwd_ws.supported(q, True)
+    with pytest.raises(ValueError, match=r"KERNEL='ws' needs the stored-dS path.*D=64"):
+        _bwd.attention_backward(q, q, q, q, lens, torch.zeros(1), 0.125, False, 64, dkdv_config=dict(KERNEL="ws"))
+    with pytest.raises(ValueError, match=r"KERNEL='gluon': expected 'triton' or 'ws'"):
+        _bwd.attention_backward(q, q, q, q, lens, torch.zeros(1), 0.125, False, 64, dkdv_config=dict(KERNEL="gluon"))

@@ -1,0 +1,279 @@
+"""Hopper dK/dV kernel of the stored-dS backward, warp-specialized (Gluon): `_bwd._dkdv_kernel` with STORE_DS, in
+the arrangement of `_fwd_ws`. Opt-in (SCFM_KERNELS_BWD=ws) until it has been measured on a GPU.
+
+Shape key as in `_bwd`: B batch, T padded length, H query heads, K key/value heads (GROUP = H / K), D head dim.
+
+One program owns NUM_CONSUMERS·64 key rows of one (batch, key head) pair and runs NUM_CONSUMERS + 1 partitions:
+  - a loader (the default partition) streams, for each of the GROUP query heads in turn, the sequence's query
+    blocks Q_j and dO_j (BLOCK_M rows, descriptors bounded to its n rows: rows past n arrive as zeros and add
+    nothing) into NUM_BUF shared-memory stages;
+  - consumers (one warp group, 64 key rows each) hold their K and V rows in shared memory and dK, dV in registers.
+    Per block: Sᵀ = K Q_jᵀ and dPᵀ = V dO_jᵀ (asynchronous warp-group products; the weights Pᵀ are computed while
+    dPᵀ runs), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ with 1 − P = e·P (`_tile.sigmoid_parts`), dV += Pᵀ dO_j and dK += dSᵀ Q_j
+    from registers, and dSᵀ (16-bit) goes to the scratch buffer through shared memory and a bulk tensor store, for
+    `_bwd._dq_ds_kernel` to stream into dQ. Every output element is written once: deterministic.
+The run-14 ptxas report for `_dkdv_kernel` (255 registers, 136–300 bytes of spills per thread) is what this
+partitioning is for: each consumer's accumulators are 64 key rows, its register budget set per partition.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _fwd_ws
+from ._common import AUTOTUNE, INTERPRET
+from ._common import compile_sm90 as common_compile_sm90
+from ._fwd_ws import available
+
+gluon = _fwd_ws.gluon
+
+HEAD_DIMS = (64, 128)
+BLOCK_KEYS = 64  # key rows per consumer warp group
+
+
+def supported(q: torch.Tensor, use_tma: bool) -> bool:
+    """Whether this kernel serves the stored-dS backward of q [.., T, H, D]: Hopper, 16-bit, D in HEAD_DIMS,
+    descriptor-friendly layouts."""
+    return (
+        available()
+        and use_tma
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] in HEAD_DIMS
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+    )
+
+
+if gluon is not None:
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
+
+    from ._fwd_ws import gl, mbarrier, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
+    from ._tile import seq_bounds, sigmoid_parts
+
+    @gluon.jit
+    def _loader(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr):
+        (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
+         q_smem, do_smem, ready, free) = args  # fmt: skip
+        layout: gl.constexpr = q_smem.type.layout
+        nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8
+        j = 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            q_desc = tma.make_tensor_descriptor(
+                Q + b * stride_qb + start * stride_qt + h * stride_qh,
+                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                layout=layout,
+            )  # fmt: skip
+            do_desc = tma.make_tensor_descriptor(
+                DO + b * stride_dob + start * stride_dot + h * stride_doh,
+                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_dot, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                layout=layout,
+            )  # fmt: skip
+            for i in range(n_blocks):
+                stage = j % NUM_BUF
+                mbarrier.wait(free.index(stage), ((j // NUM_BUF) & 1) ^ 1)  # fresh barriers pass the first round
+                mbarrier.expect(ready.index(stage), nbytes)
+                tma_load(q_desc, [i * BLOCK_M, 0], ready.index(stage), q_smem.index(stage))
+                tma_load(do_desc, [i * BLOCK_M, 0], ready.index(stage), do_smem.index(stage))
+                j += 1
+
+    @gluon.jit
+    def _consumer(
+        args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr,
+    ):  # fmt: skip
+        """Consumer WG: key rows [key0 + 64·WG, + 64) of the program's pair."""
+        (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+         stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh, stride_dsn,
+         b, hk, start, n, n_blocks, key0, T_MAX, ds_head0, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem,
+         ready, free) = args  # fmt: skip
+        BLOCK_N: gl.constexpr = 64
+        dtype: gl.constexpr = K.dtype.element_ty
+        key0 = key0 + WG * BLOCK_N
+        k_smem = k_smem.index(WG)
+        v_smem = v_smem.index(WG)
+        kv_ready = kv_ready.index(WG)
+        ds_smem = ds_smem.index(WG)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        if n_blocks > 0:
+            kv_layout: gl.constexpr = k_smem.type.layout
+            k_desc = tma.make_tensor_descriptor(
+                K + b * stride_kb + start * stride_kt + hk * stride_kh,
+                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM],
+                layout=kv_layout,
+            )  # fmt: skip
+            v_desc = tma.make_tensor_descriptor(
+                V + b * stride_vb + start * stride_vt + hk * stride_vh,
+                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM],
+                layout=kv_layout,
+            )  # fmt: skip
+            mbarrier.expect(kv_ready, 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8)
+            tma_load(k_desc, [key0, 0], kv_ready, k_smem)
+            tma_load(v_desc, [key0, 0], kv_ready, v_smem)
+            mbarrier.wait(kv_ready, 0)
+            j = 0
+            for g in range(GROUP):
+                # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's scratch (see `_bwd._dq_ds_kernel`).
+                ds_desc = tma.make_tensor_descriptor(
+                    DS + (ds_head0 + g).to(gl.int64) * stride_dsh, shape=[stride_dsn, stride_dsn],
+                    strides=[stride_dsn, 1], block_shape=[BLOCK_N, BLOCK_M], layout=ds_smem.type.layout,
+                )  # fmt: skip
+                for i in range(n_blocks):
+                    stage = j % NUM_BUF
+                    mbarrier.wait(ready.index(stage), (j // NUM_BUF) & 1)
+                    q_j = q_smem.index(stage)
+                    do_j = do_smem.index(stage)
+                    s_t = warpgroup_mma(k_smem, q_j.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                    dp_t = warpgroup_mma(v_smem, do_j.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                    s_t = warpgroup_mma_wait(1, deps=(s_t,))
+                    p_t, e_t = sigmoid_parts(s_t * neg_scale_log2e + bias_log2, False, 1)
+                    p_a = gl.convert_layout(p_t.to(dtype), a_layout)
+                    f_t = p_t * (e_t * p_t)  # P ⊙ (1 − P)
+                    dv = warpgroup_mma(p_a, do_j, dv, is_async=True)
+                    dp_t, dv = warpgroup_mma_wait(1, deps=(dp_t, dv))
+                    ds_t = (f_t * dp_t).to(dtype)
+                    ds_a = gl.convert_layout(ds_t, a_layout)
+                    dk = warpgroup_mma(ds_a, q_j, dk, is_async=True)
+                    # dSᵀ to the scratch through shared memory; the previous block's store must have left it.
+                    if i * BLOCK_M < T_MAX:
+                        tma.store_wait(0)
+                        ds_smem.store(ds_t)
+                        fence_async_shared()
+                        tma_store(ds_desc, [key0, i * BLOCK_M], ds_smem)
+                    dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, p_a, ds_a))
+                    mbarrier.arrive(free.index(stage))
+                    j += 1
+            tma.store_wait(0)
+
+        offs_n = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, d_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, d_layout))
+        key_ok = (offs_n < n)[:, None]
+        store_rows = (offs_n < n if VARLEN else offs_n < T_MAX)[:, None]
+        dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
+        dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
+        gl.store(dk_ptrs, gl.where(key_ok, dk * scale, 0.0).to(dtype), mask=store_rows)
+        dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
+        dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :]
+        gl.store(dv_ptrs, gl.where(key_ok, dv, 0.0).to(dtype), mask=store_rows)
+
+    @gluon.jit
+    def _dkdv_ws_kernel(
+        Q, K, V, DO, DK, DV, DQA, DS, SEQ, BIAS,
+        neg_scale_log2e, scale,
+        stride_qb, stride_qt, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_dob, stride_dot, stride_doh,
+        stride_dkb, stride_dkt, stride_dkh,
+        stride_dvb, stride_dvt, stride_dvh,
+        stride_dqab, stride_dqat, stride_dqah,
+        stride_dsh, stride_dsn,
+        T_MAX, HK, PAIR0,
+        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr,
+        NUM_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
+        LEN_BUCKET: gl.constexpr = 0,
+    ):  # fmt: skip
+        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only)."""
+        pid_bh = gl.program_id(1) + PAIR0  # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
+        b = (pid_bh // HK).to(gl.int64)
+        hk = pid_bh % HK
+        start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+        bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
+        key0 = gl.program_id(0) * (NUM_CONSUMERS * 64)
+        # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
+        n_blocks = gl.where(key0 < n, gl.cdiv(n, BLOCK_M), 0)
+        ds_head0 = gl.program_id(1) * GROUP  # this pair's first query head in the launch's scratch
+
+        dtype: gl.constexpr = Q.dtype.element_ty
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
+        kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_CONSUMERS):
+            mbarrier.init(kv_ready.index(i), count=1)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=NUM_CONSUMERS)
+
+        ld = (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
+              q_smem, do_smem, ready, free)  # fmt: skip
+        c = (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
+             stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh,
+             stride_dsn, b, hk, start, n, n_blocks, key0, T_MAX, ds_head0, k_smem, v_smem, kv_ready, q_smem, do_smem,
+             ds_smem, ready, free)  # fmt: skip
+        # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
+        gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
+        gl.warp_specialize(
+            [
+                (_loader, (ld, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF)),
+                (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN)),
+                (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN)),
+            ],
+            [4, 4],
+            [CONSUMER_REGS, CONSUMER_REGS],
+        )
+
+
+def _launch(dims: tuple[int, ...], block_m: int, stages: int) -> dict:
+    return dict(DIMS=dims, BLOCK_M=block_m, NUM_BUF=stages, NUM_CONSUMERS=2, CONSUMER_REGS=240)
+
+
+def dkdv_ws_configs(head_dim: int | None = None) -> list[dict]:
+    """Launches (for one head dim, or all; not yet measured on a GPU): BLOCK_M query rows per stage, NUM_BUF stages,
+    two consumers of 64 key rows at 240 registers per thread. None spills registers (ptxas, sm_90, Triton 3.6 and
+    3.9: tests/unit/test_kernels_ws.py); at D = 128, 64-row query blocks spilled 8–32 bytes and are left out."""
+    configs = [_launch((128,), 32, 4), _launch((128,), 32, 6), _launch((64,), 64, 3), _launch((64,), 32, 4)]
+    return [{k: v for k, v in c.items() if k != "DIMS"} for c in configs if head_dim is None or head_dim in c["DIMS"]]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    mine = dkdv_ws_configs(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+    kept = [c for c in configs if c.kwargs in mine]
+    return kept if AUTOTUNE else kept[:1]
+
+
+_KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET"]
+_tuned = (
+    triton.autotune(
+        configs=[triton.Config(c, num_warps=4) for c in dkdv_ws_configs()],
+        key=_KEY,
+        prune_configs_by={"early_config_prune": _prune},
+    )(_dkdv_ws_kernel)
+    if available()
+    else None
+)
+
+
+def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None = None) -> None:
+    """One launch over `pairs` (batch, key head) pairs: args as `_bwd._dkdv_kernel`'s, meta its keywords."""
+    keep = {k: meta[k] for k in _KEY}
+    if config is None:
+        _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * 64), pairs)](*args, **keep)
+    else:
+        grid = (triton.cdiv(t_max, config["NUM_CONSUMERS"] * 64), pairs)
+        _dkdv_ws_kernel[grid](*args, **keep, **config, num_warps=4)
+
+
+def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1) -> dict[str, object]:
+    """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
+    if INTERPRET or gluon is None:
+        raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, **config)
+    return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)
