@@ -1,7 +1,8 @@
 # Source from the repo root on the GPU machine:  source tests/gpu/device_site.sh
 #
 # Unpacks every .devsite/part*.tar.xz (made by tests/gpu/make_device_site.py) into /tmp/devsite once per part
-# (a part already unpacked is skipped, so two calls can carry one part each), then exports PYTHONPATH: the carried
+# (a part already unpacked is skipped, so two calls can carry one part each; part0-train alone serves `launch run`
+# on a synthetic atlas in one call), then exports PYTHONPATH: the carried
 # packages, pandas 2 only if the machine's pandas is 3 or newer (tiledbsoma and anndata need pandas < 3), and the
 # four source folders of this repo (nothing of ours is installed there). Ray's local cluster, its workers and the
 # local MLflow server are child processes of the driver and inherit this environment.
@@ -17,10 +18,9 @@ for _part in .devsite/part*.tar.xz; do
     fi
 done
 unset _part _mark
-for _p in site pandas2; do
-    [ -d "$DEVSITE_DIR/$_p" ] || echo "device_site: $DEVSITE_DIR/$_p missing (carry its .devsite part)" >&2
-done
-unset _p
+[ -d "$DEVSITE_DIR/site" ] || echo "device_site: $DEVSITE_DIR/site missing (carry a .devsite part)" >&2
+[ -d "$DEVSITE_DIR/pandas2" ] || [ ! -e .devsite/part1.tar.xz ] ||
+    echo "device_site: $DEVSITE_DIR/pandas2 missing (part1 did not unpack)" >&2
 
 # Sourcing again gives the same PYTHONPATH: built on the one found the first time.
 export DEVSITE_PYTHONPATH0="${DEVSITE_PYTHONPATH0-${PYTHONPATH:-}}"

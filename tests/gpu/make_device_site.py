@@ -17,6 +17,11 @@ and writes xz tarballs:
 Each part fits one device call together with the repository (64 MiB); both fit no call together, so a first call
 carries one part and unpacks it into /tmp, a second call on the same warm machine carries the other.
 
+    .venv/bin/python tests/gpu/make_device_site.py --train-only
+
+writes instead `part0-train.tar.xz`: Ray, DeepSpeed, MLflow and OmegaConf with their closure but none of the atlas
+and evaluation packages (TRAIN_ONLY_SKIP), enough for `launch run` on a synthetic atlas in a single call.
+
 `tests/gpu/device_site.sh` unpacks whichever parts it finds into /tmp/site (and /tmp/site-pandas2). The pins
 below are the closure of the run-time requirements for Python 3.12 on Linux, minus the packages the machine
 already has (its list: numpy, pandas, pyarrow, scipy, scikit-learn, h5py, matplotlib, numba, aiohttp, click,
@@ -53,6 +58,13 @@ REST = [
     "tiledbsoma==2.3.0", "typing-extensions==4.16.0", "typing-inspection==0.4.5", "umap-learn==0.5.12",
     "uvicorn==0.54.0", "wcwidth==0.9.4", "zarr==3.1.6",
 ]  # fmt: skip
+# Left out of the train-only part: what only atlases (tiledbsoma, anndata, zarr) and evaluation (scanpy, UMAP,
+# Leiden clustering) import; `launch run` on a synthetic atlas imports none of it.
+TRAIN_ONLY_SKIP = {
+    "anndata", "array-api-compat", "donfig", "google-crc32c", "igraph", "legacy-api-wrap", "leidenalg", "natsort",
+    "numcodecs", "pynndescent", "scanpy", "scverse-misc", "session-info2", "shapely", "somacore", "texttable",
+    "tiledbsoma", "umap-learn", "zarr",
+}  # fmt: skip
 PANDAS2 = ["pandas==2.3.3", "pytz==2026.6", "tzdata==2026.6"]  # pandas 2 needs pytz and tzdata (pandas 3 does not)
 DEEPSPEED = "deepspeed==0.19.8"  # sdist only: built here into a py3-none-any wheel (no compiled ops)
 
@@ -144,6 +156,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".devsite", help="output folder (ignored by git)")
     ap.add_argument("--keep-wheels", action="store_true", help="keep the downloaded wheels under OUT/wheels")
+    ap.add_argument("--train-only", action="store_true", help="one part for `launch run` on a synthetic atlas")
     args = ap.parse_args()
     out = Path(args.out)
     wheels, stage = out / "wheels", out / "stage"
@@ -152,10 +165,15 @@ def main() -> int:
     download(RAY + REST + PANDAS2, wheels)
     build_deepspeed(wheels)
 
-    groups = {
-        "part1.tar.xz": {"site": wheels_for(RAY, wheels), "pandas2": wheels_for(PANDAS2, wheels)},
-        "part2.tar.xz": {"site": wheels_for(REST, wheels) + sorted(wheels.glob("deepspeed-*.whl"))},
-    }
+    deepspeed = sorted(wheels.glob("deepspeed-*.whl"))
+    if args.train_only:
+        train = [pin for pin in REST if pin.split("==")[0] not in TRAIN_ONLY_SKIP]
+        groups = {"part0-train.tar.xz": {"site": wheels_for(RAY + train, wheels) + deepspeed}}
+    else:
+        groups = {
+            "part1.tar.xz": {"site": wheels_for(RAY, wheels), "pandas2": wheels_for(PANDAS2, wheels)},
+            "part2.tar.xz": {"site": wheels_for(REST, wheels) + deepspeed},
+        }
     for part, tops in groups.items():
         pstage = stage / part.split(".")[0]
         for top, whls in tops.items():

@@ -6,7 +6,8 @@
 # run:   `launch run configs/h200_160m_8k.yaml` through Ray Train + DeepSpeed ZeRO-2 + MLflow on full-length
 #        synthetic cells (data.atlas=synthetic:20000:full: 8 cells x 8,192 tokens per batch, the bench's batch),
 #        compiled, with rank 0's step profile (train.profile_steps) — the full stack against the model-only step.
-#        Needs both .devsite parts unpacked (tests/gpu/device_site.sh); skipped with a note when Ray is missing.
+#        Needs .devsite/part0-train.tar.xz (one call) or both .devsite parts unpacked (tests/gpu/device_site.sh);
+#        skipped with a note when Ray is missing.
 # bench: `python -m scfm_platform.bench --compile --profile` (sigmoid, SDPA flash, SDPA cuDNN in one script).
 #        Needs only omegaconf (a wheel under .whl/, installed into /tmp/site).
 #
@@ -34,7 +35,7 @@ for stage in $STAGES; do
     case $stage in
     run)
         if ! python3 -c 'import ray, deepspeed, mlflow' >/dev/null 2>&1; then
-            echo "run: skipped, Ray/DeepSpeed/MLflow missing (carry both .devsite parts)" | tee "$OUT/run.log"
+            echo "run: skipped, Ray/DeepSpeed/MLflow missing (carry .devsite/part0-train.tar.xz)" | tee "$OUT/run.log"
             continue
         fi
         W=/tmp/trainer_work && rm -rf "$W" && mkdir -p "$W"
