@@ -53,7 +53,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
     torch.manual_seed(0)
     model = build_model(cfg, args.genes + 3).to(dev)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)
     core = getattr(model, "_orig_mod", model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode (max-autotune-no-cudagraphs: matmuls as autotuned Triton templates, epilogue fusion)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print where each backend's step time goes, by kernel")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     p.add_argument("--json", help="also write the results here")

@@ -38,6 +38,9 @@ class ModelConfig:
     pooling: str = "cls"  # cls | mean: cell embedding from the CLS token or the mean of valid tokens
     dropout: float = 0.0  # dropout on attention output and MLP
     compile: bool = False  # torch.compile the model (GPU)
+    # torch.compile mode: default | max-autotune-no-cudagraphs (autotunes the matmuls as Triton templates, which
+    # lets the compiler fuse elementwise work such as GELU into their epilogues; compiles for minutes)
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -143,6 +146,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.objective": ("gene", "value", "both"),
     "model.pooling": ("cls", "mean"),
     "train.precision": ("auto", "bf16", "fp32", "amp"),
+    "model.compile_mode": ("default", "max-autotune-no-cudagraphs"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "resources.use_gpu": ("auto", "true", "false"),
     "resources.placement_strategy": ("PACK", "SPREAD", "STRICT_SPREAD"),

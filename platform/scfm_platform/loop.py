@@ -52,7 +52,8 @@ def train_loop(payload: dict[str, Any]) -> None:
     end = min(total, cfg.train.stop_at_step) if cfg.train.stop_at_step else total
     engine = initialize(cfg, model.to(device), device, total)
     if cfg.model.compile and device.type == "cuda":
-        engine.compile()  # torch.compile inside DeepSpeed (checkpoint keys stay those of the plain module)
+        # torch.compile inside DeepSpeed (checkpoint keys stay those of the plain module)
+        engine.compile(compile_kwargs={"mode": cfg.model.compile_mode})
     state = _restore(engine, rank, payload.get("resume_from"))
     nodes = _worker_nodes()
     log = _logger(cfg, payload, state, nodes) if rank == 0 else None

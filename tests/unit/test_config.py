@@ -62,6 +62,11 @@ def test_defaults_without_file_need_atlas() -> None:
         (["model.qk_norm=maybe"], r"wrong type for 'model.qk_norm'"),
         (["model.attention=cosine"], r"model.attention='cosine' is not allowed; choose one of: sigmoid, softmax"),
         (["deepspeed.zero_stage=4"], r"deepspeed.zero_stage=4 is not allowed; choose one of: 0, 1, 2, 3"),
+        (["train.precision=fp8"], r"train.precision='fp8' is not allowed; choose one of: auto, bf16, fp32, amp"),
+        (
+            ["model.compile_mode=max-autotune"],
+            r"model.compile_mode='max-autotune' is not allowed; choose one of: default, max-autotune-no-cudagraphs",
+        ),
         (
             ["resources.placement_strategy=spread"],
             r"resources.placement_strategy='spread' is not allowed; choose one of: PACK, SPREAD, STRICT_SPREAD",
