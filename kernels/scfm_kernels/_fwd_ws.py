@@ -27,27 +27,29 @@ from __future__ import annotations
 import torch
 import triton
 
-try:  # Gluon ships with Triton ≥ 3.5; without it the Triton kernel serves every call.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-
-    # Triton 3.6 (the GPU machine's) names the descriptor copies async_copy_global_to_shared and
-    # async_copy_shared_to_global; later ones async_load and async_store.
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    gluon = None
-
 from ._common import AUTOTUNE, INTERPRET
 from ._common import compile_sm90 as common_compile_sm90
+
+gluon = None
+if not INTERPRET:  # the CPU interpreter runs no Gluon: a process under it does not import it at all
+    try:  # Gluon ships with Triton ≥ 3.5; without it the Triton kernel serves every call.
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+        # Triton 3.6 (the GPU machine's) names the descriptor copies async_copy_global_to_shared and
+        # async_copy_shared_to_global; later ones async_load and async_store.
+        tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+        tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    except ImportError:  # pragma: no cover - depends on the installed Triton
+        gluon = None
 
 HEAD_DIMS = (64, 128)
 
 
 def available() -> bool:
     """Whether this Triton has Gluon and this process may compile for the GPU (not the CPU interpreter)."""
-    return gluon is not None and not INTERPRET
+    return gluon is not None
 
 
 def supported(q: torch.Tensor, use_tma: bool) -> bool:
