@@ -19,8 +19,9 @@ carries one part and unpacks it into /tmp, a second call on the same warm machin
 
     .venv/bin/python tests/gpu/make_device_site.py --train-only
 
-writes instead `part0-train.tar.xz`: Ray, DeepSpeed, MLflow and OmegaConf with their closure but none of the atlas
-and evaluation packages (TRAIN_ONLY_SKIP), enough for `launch run` on a synthetic atlas in a single call.
+writes instead `part0-train.tar.xz`: Ray, DeepSpeed, MLflow and OmegaConf with their closure (and pandas 2, as
+part1) but none of the atlas and evaluation packages (TRAIN_ONLY_SKIP), enough for `launch run` on a synthetic
+atlas in a single call.
 
 `tests/gpu/device_site.sh` unpacks whichever parts it finds into /tmp/site (and /tmp/site-pandas2). The pins
 below are the closure of the run-time requirements for Python 3.12 on Linux, minus the packages the machine
@@ -168,7 +169,9 @@ def main() -> int:
     deepspeed = sorted(wheels.glob("deepspeed-*.whl"))
     if args.train_only:
         train = [pin for pin in REST if pin.split("==")[0] not in TRAIN_ONLY_SKIP]
-        groups = {"part0-train.tar.xz": {"site": wheels_for(RAY + train, wheels) + deepspeed}}
+        # pandas 2 as in part1: Ray Data runs on it where the machine's pandas is 3.
+        site = wheels_for(RAY + train, wheels) + deepspeed
+        groups = {"part0-train.tar.xz": {"site": site, "pandas2": wheels_for(PANDAS2, wheels)}}
     else:
         groups = {
             "part1.tar.xz": {"site": wheels_for(RAY, wheels), "pandas2": wheels_for(PANDAS2, wheels)},
