@@ -37,7 +37,7 @@ from ._common import (
     set_descriptor_allocator,
     tma_ok,
 )
-from ._tile import LOG2E, mma, query_head, seq_bounds, sigmoid_parts
+from ._tile import LOG2E, key_head, mma, query_head, seq_bounds, sigmoid_parts
 
 # SCFM_KERNELS_BWD=ws: the stored-dS path's dK/dV kernel is the warp-specialized one (`_bwd_ws`, opt-in: not yet
 # measured on a GPU).
@@ -140,11 +140,8 @@ def _dkdv_kernel(
     ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1) + PAIR0  # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
-    b = (pid_bh // HK).to(tl.int64)
-    hk = pid_bh % HK
-    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-    bias_log2 = -tl.load(BIAS + b) * 1.4426950408889634
+    # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
+    b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, tl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)

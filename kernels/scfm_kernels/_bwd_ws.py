@@ -18,58 +18,37 @@ partitioning is for: each consumer's accumulators are 64 key rows, its register 
 
 from __future__ import annotations
 
-import torch
 import triton
 
 from . import _fwd_ws
 from ._common import AUTOTUNE, INTERPRET
 from ._common import compile_sm90 as common_compile_sm90
-from ._fwd_ws import available
+
+# Served where the warp-specialized forward is (Hopper, 16-bit, the same head dims, descriptor-friendly layouts):
+# `supported(q, use_tma)`.
+from ._fwd_ws import HEAD_DIMS, available, supported  # noqa: F401 (part of this module's interface)
 
 gluon = _fwd_ws.gluon
-
-HEAD_DIMS = (64, 128)
-BLOCK_KEYS = 64  # key rows per consumer warp group
-
-
-def supported(q: torch.Tensor, use_tma: bool) -> bool:
-    """Whether this kernel serves the stored-dS backward of q [.., T, H, D]: Hopper, 16-bit, D in HEAD_DIMS,
-    descriptor-friendly layouts."""
-    return (
-        available()
-        and use_tma
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] in HEAD_DIMS
-        and torch.cuda.get_device_capability(q.device)[0] == 9
-    )
 
 
 if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
-    from ._fwd_ws import gl, mbarrier, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
-    from ._tile import seq_bounds, sigmoid_parts
+    from ._fwd_ws import gl, mbarrier, seq_desc, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
+    from ._tile import key_head, sigmoid_parts
 
     @gluon.jit
     def _loader(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr):
         (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
          q_smem, do_smem, ready, free) = args  # fmt: skip
-        layout: gl.constexpr = q_smem.type.layout
         nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8
         j = 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            q_desc = tma.make_tensor_descriptor(
-                Q + b * stride_qb + start * stride_qt + h * stride_qh,
-                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                layout=layout,
-            )  # fmt: skip
-            do_desc = tma.make_tensor_descriptor(
-                DO + b * stride_dob + start * stride_dot + h * stride_doh,
-                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_dot, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                layout=layout,
-            )  # fmt: skip
+            q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
+            do_base = DO + b * stride_dob + start * stride_dot + h * stride_doh
+            q_desc = seq_desc(q_base, n, stride_qt, BLOCK_M, HEAD_DIM)
+            do_desc = seq_desc(do_base, n, stride_dot, BLOCK_M, HEAD_DIM)
             for i in range(n_blocks):
                 stage = j % NUM_BUF
                 mbarrier.wait(free.index(stage), ((j // NUM_BUF) & 1) ^ 1)  # fresh barriers pass the first round
@@ -106,17 +85,10 @@ if gluon is not None:
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         if n_blocks > 0:
-            kv_layout: gl.constexpr = k_smem.type.layout
-            k_desc = tma.make_tensor_descriptor(
-                K + b * stride_kb + start * stride_kt + hk * stride_kh,
-                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                layout=kv_layout,
-            )  # fmt: skip
-            v_desc = tma.make_tensor_descriptor(
-                V + b * stride_vb + start * stride_vt + hk * stride_vh,
-                shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM],
-                layout=kv_layout,
-            )  # fmt: skip
+            k_base = K + b * stride_kb + start * stride_kt + hk * stride_kh
+            v_base = V + b * stride_vb + start * stride_vt + hk * stride_vh
+            k_desc = seq_desc(k_base, n, stride_kt, BLOCK_N, HEAD_DIM)
+            v_desc = seq_desc(v_base, n, stride_vt, BLOCK_N, HEAD_DIM)
             mbarrier.expect(kv_ready, 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8)
             tma_load(k_desc, [key0, 0], kv_ready, k_smem)
             tma_load(v_desc, [key0, 0], kv_ready, v_smem)
@@ -184,11 +156,7 @@ if gluon is not None:
         LEN_BUCKET: gl.constexpr = 0,
     ):  # fmt: skip
         """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only)."""
-        pid_bh = gl.program_id(1) + PAIR0  # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
-        b = (pid_bh // HK).to(gl.int64)
-        hk = pid_bh % HK
-        start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-        bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
+        b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, gl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
         key0 = gl.program_id(0) * (NUM_CONSUMERS * 64)
         # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
         n_blocks = gl.where(key0 < n, gl.cdiv(n, BLOCK_M), 0)

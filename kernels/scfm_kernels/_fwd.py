@@ -200,9 +200,9 @@ def attention_forward(
     )
     if meta["USE_TMA"]:
         set_descriptor_allocator()
-    ws = FWD_KERNEL != "triton" and _fwd_ws.supported(q, meta["USE_TMA"])
+    ws_ok = _fwd_ws.supported(q, meta["USE_TMA"])
     if config is not None and config.get("KERNEL") == "ws":
-        if not _fwd_ws.supported(q, meta["USE_TMA"]):
+        if not ws_ok:
             raise ValueError(
                 f"config KERNEL='ws' needs Hopper, 16-bit descriptor-friendly q/k/v and D in {_fwd_ws.HEAD_DIMS}; "
                 f"got {q.dtype}, D={D} on {q.device}"
@@ -216,7 +216,7 @@ def attention_forward(
         _fwd_kernel[(triton.cdiv(t_max, config["BLOCK_M"]), B * H)](*args, **{**meta, **config})
     elif INTERPRET:
         _fwd_kernel[(triton.cdiv(t_max, 16), B * H)](*args, **meta, WS=False, BLOCK_M=16, BLOCK_N=16)
-    elif ws:
+    elif ws_ok and FWD_KERNEL != "triton":
         _fwd_ws.launch(args, meta, t_max, B, H)
     else:
         _fwd_tuned[lambda m: (triton.cdiv(t_max, m["BLOCK_M"]), B * H)](*args, **meta)

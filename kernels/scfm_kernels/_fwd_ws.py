@@ -69,20 +69,24 @@ if gluon is not None:
     from ._tile import query_head, sigmoid_from_log2
 
     @gluon.jit
+    def seq_desc(base, n, stride_t, BLOCK_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Descriptor over one sequence's n rows of one head ([n, HEAD_DIM] at `base`, rows `stride_t` apart) in
+        blocks of [BLOCK_ROWS, HEAD_DIM]: rows past n arrive as zeros, so no block needs a mask. Its shared layout
+        is the default for the block, as the kernels' shared-memory stages are allocated."""
+        layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_ROWS, HEAD_DIM], base.dtype.element_ty)
+        return tma.make_tensor_descriptor(
+            base, shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_t, 1], block_shape=[BLOCK_ROWS, HEAD_DIM],
+            layout=layout,
+        )  # fmt: skip
+
+    @gluon.jit
     def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
         (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
          k_smem, v_smem, k_ready, v_ready, kv_free) = args  # fmt: skip
-        kv_layout: gl.constexpr = k_smem.type.layout
-        k_desc = tma.make_tensor_descriptor(
-            K + b * stride_kb + start * stride_kt + hk * stride_kh,
-            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM],
-            layout=kv_layout,
-        )  # fmt: skip
-        v_desc = tma.make_tensor_descriptor(
-            V + b * stride_vb + start * stride_vt + hk * stride_vh,
-            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM],
-            layout=kv_layout,
-        )  # fmt: skip
+        k_base = K + b * stride_kb + start * stride_kt + hk * stride_kh
+        v_base = V + b * stride_vb + start * stride_vt + hk * stride_vh
+        k_desc = seq_desc(k_base, n, stride_kt, BLOCK_N, HEAD_DIM)
+        v_desc = seq_desc(v_base, n, stride_vt, BLOCK_N, HEAD_DIM)
         nbytes: gl.constexpr = BLOCK_N * HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8
         for j in range(n_blocks):
             stage = j % NUM_BUF
@@ -153,11 +157,8 @@ if gluon is not None:
         )
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
-        q_desc = tma.make_tensor_descriptor(
-            Q + b * stride_qb + start * stride_qt + h * stride_qh,
-            shape=[gl.maximum(n, 1), HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM],
-            layout=q_smem.type.layout,
-        )  # fmt: skip
+        q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
+        q_desc = seq_desc(q_base, n, stride_qt, BLOCK_M, HEAD_DIM)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         if n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)

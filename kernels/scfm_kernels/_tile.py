@@ -130,3 +130,12 @@ def query_head(SEQ, BIAS, pid_bh, H, T_MAX, GROUP: tl.constexpr, VARLEN: tl.cons
     h = pid_bh % H
     start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
     return b, h, h // GROUP, start, n, -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)
+
+
+@triton.jit
+def key_head(SEQ, BIAS, pid_bh, HK, T_MAX, VARLEN: tl.constexpr):
+    """What a key-side program works on, pid_bh = b·HK + key head (its launch's first pair added): (b, key head,
+    the sequence's first row and length as `seq_bounds` gives them, −bias·log2 e)."""
+    b = (pid_bh // HK).to(tl.int64)
+    start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    return b, pid_bh % HK, start, n, -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)

@@ -44,6 +44,16 @@ def test_every_launch_fits_shared_memory_and_registers(head_dim):
         assert c["NUM_CONSUMERS"] * 128 * c["CONSUMER_REGS"] + 128 * 24 <= REGS_PER_SM, c
 
 
+def _json_without_interpreter(script: str):
+    """What `script` prints as JSON, run in a process without TRITON_INTERPRET (ptxas compiles there)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 _COMPILE = """
 import json, sys
 from scfm_kernels import _bwd_ws, _fwd_ws
@@ -72,12 +82,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
     """Every launch of the warp-specialized forward and dK/dV kernels, ptxas for sm_90 in a process without the
     interpreter: no stack or local memory (spilled registers), shared memory within the limit, warp-group products,
     register reallocation and mbarrier waits in the PTX."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout)
+    results = _json_without_interpreter(_COMPILE)
     want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 2 + 2 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
     assert len(results) == want
     for r in results:
@@ -108,12 +113,7 @@ json.dump(out, sys.stdout)
 def test_the_triton_kernels_compile_for_hopper():
     """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
     float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kernels = str(Path(_fwd_ws.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = kernels + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_TRITON], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout)
+    got = _json_without_interpreter(_COMPILE_TRITON)
     assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds"}
     for name, r in got.items():
         assert r["wgmma"], f"{name}: no warp-group products in the PTX ({r['resources']})"
