@@ -117,6 +117,7 @@ def run_table(
     dims: tuple[int, ...] = (64, 128),
     lengths: tuple[int, ...] = (4096, 8192, 16384),
     pads: tuple[float, ...] = (0.0, 0.25, 0.5),
+    ws_dkdv: bool = True,
 ) -> list[Row]:
     ts = _triton_sigmoid(ts_full) if compare and ts_dims else None
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -138,7 +139,11 @@ def run_table(
                 with _scratch_mib("0"):  # no scratch for dS: the dQ kernel recomputes it (the "recompute" path)
                     _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_bwd_rc"] = _tflops(2.5 * flops, bwd)
-                if _bwd_ws.supported(q, True) and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored":
+                if (
+                    ws_dkdv
+                    and _bwd_ws.supported(q, True)
+                    and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored"
+                ):
                     with _bwd_kernel("ws"):  # the stored path with the warp-specialized dK/dV kernel (opt-in)
                         _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                     row["ours_bwd_ws"] = _tflops(2.5 * flops, bwd)
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128", help="head dims (comma list)")
     parser.add_argument("--lengths", default="4096,8192,16384", help="padded lengths L (comma list)")
     parser.add_argument("--pads", default="0,0.25,0.5", help="padding fractions (comma list)")
+    parser.add_argument("--no-ws-dkdv", action="store_true", help="skip the warp-specialized dK/dV column")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")
@@ -282,7 +288,9 @@ def main() -> None:
     dims = tuple(int(d) for d in args.dims.split(",") if d)
     lengths = tuple(int(n) for n in args.lengths.split(",") if n)
     pads = tuple(float(x) for x in args.pads.split(",") if x)
-    rows = run_table(args.quick, not args.no_compare, ts_dims, args.ts_full_autotune, dims, lengths, pads)
+    rows = run_table(
+        args.quick, not args.no_compare, ts_dims, args.ts_full_autotune, dims, lengths, pads, not args.no_ws_dkdv
+    )
     result["rows"] = rows
     print("\n" + HEADER)
     for row in rows:
