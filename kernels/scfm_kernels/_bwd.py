@@ -39,9 +39,10 @@ from ._common import (
 )
 from ._tile import LOG2E, key_head, mma, query_head, seq_bounds, sigmoid_parts
 
-# SCFM_KERNELS_BWD=ws: the stored-dS path's dK/dV kernel is the warp-specialized one (`_bwd_ws`, opt-in: not yet
-# measured on a GPU).
-BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "triton")
+# The stored-dS path's dK/dV kernel: the warp-specialized one (`_bwd_ws`) where it can run, which measured 7-12%
+# faster over the whole backward at D = 128 (docs/benchmarks.md, run 15); SCFM_KERNELS_BWD=triton keeps the
+# Triton kernel of this module.
+BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "ws")
 
 
 @triton.jit
@@ -515,8 +516,8 @@ def attention_backward(
     dq_config is the launch of whichever dQ kernel runs. Benchmark-only keys: USE_TMA=False (pointer loads,
     "recompute" only), ATOMIC_DQ 1 (element atomics) or 2 (bulk reduce, default) for "one_pass", STORE_DS 1
     (pointer stores, default) or 2 (descriptor stores) for "stored", KERNEL="ws" (with none or one launch of
-    `_bwd_ws.dkdv_ws_configs()`) for the warp-specialized dK/dV kernel of "stored" (SCFM_KERNELS_BWD=ws makes it
-    the default where it can run)."""
+    `_bwd_ws.dkdv_ws_configs()`) or KERNEL="triton" for the stored path's dK/dV kernel (by default the
+    warp-specialized one where it can run; SCFM_KERNELS_BWD=triton: the Triton one)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     if varlen:
@@ -600,17 +601,20 @@ def attention_backward(
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None) -> bool:
     """Whether the stored path's dK/dV kernel is the warp-specialized one (`_bwd_ws`): asked for with
-    dkdv_config KERNEL="ws" (an error where it cannot run) or SCFM_KERNELS_BWD=ws (where it can)."""
-    asked = (kcfg or {}).get("KERNEL", "triton")
+    dkdv_config KERNEL="ws" (an error where it cannot run); by default wherever it can run, unless
+    SCFM_KERNELS_BWD=triton or dkdv_config is a launch of the Triton kernel (KERNEL absent or "triton")."""
+    can = path == "stored" and _bwd_ws.supported(q, use_tma)
+    if kcfg is None:
+        return BWD_KERNEL == "ws" and can
+    asked = kcfg.get("KERNEL", "triton")
     if asked not in ("triton", "ws"):
         raise ValueError(f"dkdv_config KERNEL={asked!r}: expected 'triton' or 'ws'")
-    if asked == "ws" and not (path == "stored" and _bwd_ws.supported(q, use_tma)):
+    if asked == "ws" and not can:
         raise ValueError(
             f"dkdv_config KERNEL='ws' needs the stored-dS path on Hopper with 16-bit descriptor-friendly inputs and D "
             f"in {_bwd_ws.HEAD_DIMS}; got path {path!r}, {q.dtype}, D={q.shape[-1]} on {q.device}"
         )
-    default = BWD_KERNEL == "ws" and kcfg is None and path == "stored" and _bwd_ws.supported(q, use_tma)
-    return asked == "ws" or default
+    return asked == "ws"
 
 
 def _bth(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
