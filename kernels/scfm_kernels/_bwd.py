@@ -8,7 +8,8 @@ key block and loops over every query block of every query head in its GQA group 
 query block and loops over the key blocks (dQ). Each output element is written once by one program, no
 atomics. At head dims 97-128 (16-bit inputs on tensor-descriptor hardware) the dK/dV kernel also stores each
 pair's 16-bit dSᵀ tile in a bounded scratch buffer and `_dq_ds_kernel` streams it once against K instead of the
-dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64).
+dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64); on
+Hopper the warp-specialized dK/dV kernel (`_bwd_ws`) serves that path, at D = 64 too.
 Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV kernel also
 computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
 tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.
@@ -441,7 +442,8 @@ _dq_ds_tuned = (
 )
 
 DQ_PATHS = ("stored", "recompute", "one_pass")
-STORED_HEAD_DIMS = range(97, 129)  # where the stored path is the default: measured faster at 128, slower at 64
+# Where the stored path is the default with the Triton dK/dV kernel: measured faster at 128, slower at 64.
+STORED_HEAD_DIMS = range(97, 129)
 _DS_BLOCK = 128  # the stored dSᵀ is [T_DS, T_DS] per query head, T_DS the padded length rounded up to this
 
 
@@ -451,19 +453,27 @@ def ds_rows(t_max: int) -> int:
 
 
 def pick_dq_path(
-    deterministic: bool, use_tma: bool, group: int, head_dim: int, t_max: int, element_size: int, budget: int
+    deterministic: bool,
+    use_tma: bool,
+    group: int,
+    head_dim: int,
+    t_max: int,
+    element_size: int,
+    budget: int,
+    ws: bool = False,
 ) -> tuple[str, int]:
     """(path, pairs per launch) for the backward's dQ: "one_pass" when deterministic=False on tensor-descriptor
-    hardware; "stored" for head dims in STORED_HEAD_DIMS when one (batch, key head) pair's dSᵀ (group · T_DS²
-    16-bit values) fits the scratch budget (`_common.ds_scratch_bytes`); else "recompute". Pairs per launch: how
-    many pairs' dSᵀ fit at once. Measured on the H200 (docs/benchmarks.md, run 13): at D = 128 the stored path's
-    backward is 4-11% faster than recomputing; at D = 64 it is 0-5% slower (half the product per dS byte read),
-    so there it recomputes."""
+    hardware; "stored" for head dims in STORED_HEAD_DIMS (or, with ws, the warp-specialized dK/dV kernel's
+    `_bwd_ws.HEAD_DIMS`) when one (batch, key head) pair's dSᵀ (group · T_DS² 16-bit values) fits the scratch
+    budget (`_common.ds_scratch_bytes`); else "recompute". Pairs per launch: how many pairs' dSᵀ fit at once.
+    Measured on the H200 (docs/benchmarks.md): with the Triton dK/dV kernel the stored path's backward is 4-11%
+    faster than recomputing at D = 128 and 0-5% slower at D = 64 (run 13); with the warp-specialized one it is
+    10-13% faster at D = 64 (run 15)."""
     if not use_tma:
         return "recompute", 0
     if not deterministic:
         return "one_pass", 0
-    if head_dim not in STORED_HEAD_DIMS:
+    if head_dim not in STORED_HEAD_DIMS and not (ws and head_dim in _bwd_ws.HEAD_DIMS):
         return "recompute", 0
     pairs = ds_pairs(group, t_max, element_size, budget)
     return ("stored", pairs) if pairs >= 1 else ("recompute", 0)
@@ -536,7 +546,8 @@ def attention_backward(
     if use_tma:
         set_descriptor_allocator()
     budget = ds_scratch_bytes(q.device)
-    path, chunk = pick_dq_path(deterministic, use_tma, G, D, t_max, q.element_size(), budget)
+    ws_default = dkdv_config is None and BWD_KERNEL == "ws" and _bwd_ws.supported(q, use_tma)
+    path, chunk = pick_dq_path(deterministic, use_tma, G, D, t_max, q.element_size(), budget, ws_default)
     if dq_path is not None:
         if dq_path not in DQ_PATHS:
             raise ValueError(f"dq_path={dq_path!r}: expected one of {DQ_PATHS}")

@@ -7,8 +7,7 @@ Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 204
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
 fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS_SCRATCH_MIB=0, no scratch);
 `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False); `ours_bwd_tr`: the stored path with the
-Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where the stored path is the default (D = 128); `ours_bwd_ws`: the
-stored path with the warp-specialized dK/dV kernel where it is not (D = 64). TFLOPS use the FlashAttention convention:
+Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128). TFLOPS use the FlashAttention convention:
 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
 TritonSigmoid (the `triton_sigmoid` package, when importable). Also measures the exact sigmoid against the
@@ -51,15 +50,13 @@ def _scratch_mib(value: str):
 
 
 @contextlib.contextmanager
-def _bwd_kernel(name: str, stored_dims: range | None = None):
-    """The stored path's dK/dV kernel inside the block: "ws" (`_bwd_ws`) or "triton" (SCFM_KERNELS_BWD); with
-    stored_dims, the head dims where the stored path is the default (`_bwd.STORED_HEAD_DIMS`)."""
-    old = _bwd.BWD_KERNEL, _bwd.STORED_HEAD_DIMS
-    _bwd.BWD_KERNEL, _bwd.STORED_HEAD_DIMS = name, stored_dims or old[1]
+def _bwd_kernel(name: str):
+    """The stored path's dK/dV kernel inside the block: "ws" (`_bwd_ws`) or "triton" (SCFM_KERNELS_BWD)."""
+    old, _bwd.BWD_KERNEL = _bwd.BWD_KERNEL, name
     try:
         yield
     finally:
-        _bwd.BWD_KERNEL, _bwd.STORED_HEAD_DIMS = old
+        _bwd.BWD_KERNEL = old
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -143,15 +140,15 @@ def run_table(
                 with _scratch_mib("0"):  # no scratch for dS: the dQ kernel recomputes it (the "recompute" path)
                     _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_bwd_rc"] = _tflops(2.5 * flops, bwd)
-                # The stored-dS path with the dK/dV kernel that is not the default one at this head dim: Triton's
-                # where the stored path is the default, the warp-specialized one (forced to the stored path)
-                # elsewhere.
-                stored = _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored"
-                if alt_dkdv and _bwd_ws.supported(q, True):
-                    name, dims = ("triton", None) if stored else ("ws", range(D, D + 1))
-                    with _bwd_kernel(name, dims):
+                # Where the stored path is the default with either dK/dV kernel (D = 128): the Triton one.
+                if (
+                    alt_dkdv
+                    and _bwd_ws.supported(q, True)
+                    and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored"
+                ):
+                    with _bwd_kernel("triton"):
                         _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
-                    row["ours_bwd_tr" if stored else "ours_bwd_ws"] = _tflops(2.5 * flops, bwd)
+                    row["ours_bwd_tr"] = _tflops(2.5 * flops, bwd)
                 if ts is not None and D in ts_dims:
                     if pad == 0:
                         ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
@@ -189,7 +186,6 @@ _COLS = [
     "ours_bwd",
     "ours_bwd_rc",
     "ours_bwd_tr",
-    "ours_bwd_ws",
     "ours_bwd_1p",
     "ts_fwd",
     "ts_bwd",
@@ -278,7 +274,7 @@ def main() -> None:
     parser.add_argument("--dims", default="64,128", help="head dims (comma list)")
     parser.add_argument("--lengths", default="4096,8192,16384", help="padded lengths L (comma list)")
     parser.add_argument("--pads", default="0,0.25,0.5", help="padding fractions (comma list)")
-    parser.add_argument("--no-alt-dkdv", action="store_true", help="skip the ours_bwd_tr / ours_bwd_ws column")
+    parser.add_argument("--no-alt-dkdv", action="store_true", help="skip the ours_bwd_tr column")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")

@@ -38,7 +38,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         # scfm_kernels' own names, not as the tail of another's (SDPA flash's kernel is `flash_fwd_kernel`).
         ("attention fwd (sigmoid)", r"(?<![a-z0-9])_fwd(?:_ws)?_kernel"),
-        ("attention bwd (sigmoid)", r"(?<![a-z0-9])(?:_dkdv_kernel|_dq_kernel|_dq_ds_kernel)"),
+        ("attention bwd (sigmoid)", r"(?<![a-z0-9])(?:_dkdv(?:_ws)?_kernel|_dq_kernel|_dq_ds_kernel)"),
         ("attention (softmax)", r"cudnn|fmha|flash|sdpa|attention"),
         ("optimizer", r"adam|multi_tensor|foreach"),
         ("embedding", r"embedding|index_?put|index_?select|scatter|gather|radix|sort|unique"),

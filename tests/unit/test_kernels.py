@@ -196,6 +196,8 @@ def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
     assert pick_dq_path(True, True, 2, 128, 8000, 2, 5 * one_pair) == ("stored", 5)
     assert pick_dq_path(True, True, 2, 128, 8000, 2, one_pair - 1) == ("recompute", 0)
     assert pick_dq_path(True, True, 2, 64, 8000, 2, 5 * one_pair) == ("recompute", 0)  # measured slower at 64
+    assert pick_dq_path(True, True, 2, 64, 8000, 2, 5 * one_pair, ws=True) == ("stored", 5)  # not with _bwd_ws
+    assert pick_dq_path(True, True, 2, 96, 8000, 2, 5 * one_pair, ws=True) == ("recompute", 0)
     assert pick_dq_path(True, False, 2, 128, 8000, 2, 5 * one_pair) == ("recompute", 0)  # no descriptors (fp32)
     assert pick_dq_path(False, True, 2, 128, 8000, 2, 5 * one_pair) == ("one_pass", 0)
     monkeypatch.setenv("SCFM_KERNELS_DS_SCRATCH_MIB", "1.5")

@@ -25,6 +25,7 @@ from scfm_platform.step_profile import by_category, category
             "attention (softmax)",
         ),
         ("_dkdv_kernel", "attention bwd (sigmoid)"),
+        ("_dkdv_ws_kernel", "attention bwd (sigmoid)"),
         ("_dq_kernel", "attention bwd (sigmoid)"),
         ("_dq_ds_kernel", "attention bwd (sigmoid)"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_128x128x128_4x1x1", "attention (softmax)"),
