@@ -111,8 +111,8 @@ def test_every_warp_specialized_forward_launch_is_correct(D):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_warp_specialized_dkdv_launch_is_correct(D):
-    """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its list:
-    GQA, lengths T, 1 and T/2 + 3, against float64; bitwise the same on a second run (deterministic)."""
+    """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its
+    list: GQA, lengths T, 1 and T/2 + 3, against float64; bitwise the same on a second run (deterministic)."""
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
