@@ -234,7 +234,10 @@ def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
         keep = dataset_cells(obs, e.datasets, d.atlas)
         d = replace(d, engine="local")  # rank 0 reads the evaluation cells in-process (no Ray Data pipeline)
         batches = data.batches(d, rank=0, world_size=1, epoch=0, split=split, only=keep)
-        scores = training_scores(engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells)
+        amp = cfg.train.precision == "amp"  # the forward as training runs it (bf16 autocast over fp32 weights)
+        scores = training_scores(
+            engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells, autocast_bf16=amp
+        )
     except Exception as e:
         warnings.warn(f"in-training evaluation failed, training goes on: {e}", stacklevel=2)
         return {}

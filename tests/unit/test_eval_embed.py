@@ -92,3 +92,16 @@ def test_zarr_and_h5ad_round_trip(tmp_path) -> None:
     assert np.array_equal(a.obsm["X_scfm"], X)
     with pytest.raises(ValueError, match="disagree on N"):
         write_zarr(tmp_path / "bad.zarr", joinids[:3], X)
+
+
+def test_embed_cells_under_bf16_autocast_matches_fp32_closely() -> None:
+    """autocast_bf16 (training with train.precision=amp): fp32 weights, the forward in bf16 — close to the fp32
+    embedding but not equal to it (so the forward did run in bf16)."""
+    model = _model("mean")
+    batches = _batches()
+    _, X32 = embed_cells(model, batches)
+    _, X16 = embed_cells(model, batches, autocast_bf16=True)
+    assert X16.dtype == np.float32 and np.isfinite(X16).all()
+    rel = np.linalg.norm(X16 - X32) / np.linalg.norm(X32)
+    assert 0 < rel < 3e-2, rel
+    assert next(model.parameters()).dtype == torch.float32  # weights untouched
