@@ -205,9 +205,10 @@ def _launch(dims: tuple[int, ...], block_m: int, stages: int) -> dict:
 
 
 def dkdv_ws_configs(head_dim: int | None = None) -> list[dict]:
-    """Launches (for one head dim, or all; run 15 chose 32 rows, 4 stages at 4K/8K and 6 stages at 16K): BLOCK_M query rows per stage, NUM_BUF stages,
-    two consumers of 64 key rows at 240 registers per thread. None spills registers (ptxas, sm_90, Triton 3.6 and
-    3.9: tests/unit/test_kernels_ws.py); at D = 128, 64-row query blocks spilled 8–32 bytes and are left out."""
+    """Launches (for one head dim, or all): BLOCK_M query rows per stage, NUM_BUF stages, two consumers of 64 key
+    rows at 240 registers per thread. None spills registers (ptxas, sm_90, Triton 3.6 and 3.9:
+    tests/unit/test_kernels_ws.py); at D = 128, 64-row query blocks spilled 8–32 bytes and are left out. At D = 128
+    run 15's autotuner chose 32 rows with 4 stages at L = 4K/8K and 6 stages at 16K."""
     configs = [_launch((128,), 32, 4), _launch((128,), 32, 6), _launch((64,), 64, 3), _launch((64,), 32, 4)]
     return [{k: v for k, v in c.items() if k != "DIMS"} for c in configs if head_dim is None or head_dim in c["DIMS"]]
 

@@ -7,8 +7,9 @@ Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 204
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
 fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS_SCRATCH_MIB=0, no scratch);
 `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False); `ours_bwd_tr`: the stored path with the
-Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128). TFLOPS use the FlashAttention convention:
-4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
+Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128). TFLOPS use the
+FlashAttention convention: 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are
+`triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
 TritonSigmoid (the `triton_sigmoid` package, when importable). Also measures the exact sigmoid against the
 hardware-tanh form: error at realistic logits and forward speed.
