@@ -21,6 +21,7 @@ D head dim, BD head dim padded to a power of two.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -484,6 +485,33 @@ def ds_pairs(group: int, t_max: int, element_size: int, budget: int) -> int:
     return budget // (group * ds_rows(t_max) ** 2 * element_size)
 
 
+def _ds_scratch(pairs: int, group: int, t_max: int, q: torch.Tensor) -> torch.Tensor | None:
+    """The stored path's dSᵀ scratch [pairs · group, T_DS, T_DS] (q's dtype) for `pairs` pairs per launch. When the
+    allocation runs out of memory it halves the pairs (they then go in more turns), and gives None when not even one
+    pair's fits: the backward recomputes dQ instead, with a warning (once per process), rather than failing."""
+    global _WARNED_SCRATCH
+    t_ds = ds_rows(t_max)
+    n = pairs
+    while True:
+        try:
+            return new_output((n * group, t_ds, t_ds), q.dtype, q.device)
+        except torch.OutOfMemoryError:
+            if n <= 1:
+                break
+            n //= 2
+    if not _WARNED_SCRATCH:
+        _WARNED_SCRATCH = True
+        warnings.warn(
+            f"scfm_kernels: no memory for one (batch, key head) pair's dSᵀ scratch ({group} × {t_ds}² values); the "
+            "backward recomputes dQ instead (slower). SCFM_KERNELS_DS_SCRATCH_MIB=0 chooses that path up front.",
+            stacklevel=3,
+        )
+    return None
+
+
+_WARNED_SCRATCH = False
+
+
 def _launch(kernel, tuned, config: dict | None, grid, args: tuple, meta: dict) -> None:
     """One launch with a fixed config (benchmarks, the interpreter) or through the autotuner. grid(m) gives the
     grid from the block sizes in m; the benchmark-only keys of a fixed config were applied by the caller."""
@@ -517,7 +545,8 @@ def attention_backward(
       "stored" (deterministic default at head dims 97-128): the dK/dV kernel also writes each pair's dSᵀ
           (16-bit, the values the dQ product rounds to anyway) into a scratch buffer of at most
           `_common.ds_scratch_bytes()` (pairs of (batch, key head) in turns when they do not all fit; asked for
-          explicitly, at least one pair whatever the budget), and `_dq_ds_kernel` streams it once against K:
+          explicitly, at least one pair whatever the budget; fewer pairs per turn, then "recompute", when the
+          scratch cannot be allocated: `_ds_scratch`), and `_dq_ds_kernel` streams it once against K:
           5 tile products per score pair plus one streamed product, no second sigmoid; deterministic;
       "recompute": the dQ kernel recomputes S, P and dP (7 products per pair), no scratch;
       "one_pass" (deterministic=False): the dK/dV kernel adds each pair's dQ share into a float32 buffer with
@@ -555,6 +584,13 @@ def attention_backward(
             path = dq_path
         if path == "stored":  # asked for: whatever the head dim, at least one pair at a time
             chunk = max(1, ds_pairs(G, t_max, q.element_size(), budget))
+    pairs = B * HK
+    if path == "stored":
+        ds = _ds_scratch(min(chunk, pairs), G, t_max, q)
+        if ds is None:  # not even one pair's dSᵀ fits in the memory left
+            path = "recompute"
+        else:
+            chunk = ds.shape[0] // G
     kcfg = dict(dkdv_config) if dkdv_config else None
     qcfg = dict(dq_config) if dq_config else None
     fixed = dict(BLOCK_M=16, BLOCK_N=16) if INTERPRET else None
@@ -573,12 +609,8 @@ def attention_backward(
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq_acc = dq  # not read
-    pairs = B * HK
     if path == "stored":
         kmeta["STORE_DS"] = (kcfg or {}).get("STORE_DS", 1)
-        chunk = min(chunk, pairs)
-        t_ds = ds_rows(t_max)
-        ds = new_output((chunk * G, t_ds, t_ds), q.dtype, q.device)
     else:
         chunk, ds = pairs, dq_acc
     s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]

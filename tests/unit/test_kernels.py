@@ -188,6 +188,42 @@ def test_backward_dq_paths_match_float64(mib, pairs_per_launch, monkeypatch):
         assert scratch == [(pairs_per_launch * 2, 128, 128)]
 
 
+@interpret_only
+@pytest.mark.parametrize(("fits", "launches"), [(1, 6), (0, 0)])
+def test_backward_scratch_out_of_memory_halves_the_pairs_then_recomputes(fits, launches, monkeypatch):
+    """When the dSᵀ scratch cannot be allocated the backward still runs and matches float64: with room for one
+    pair's scratch, the pairs (6: three sequences x two key heads) go one per launch; with room for none, dQ is
+    recomputed (no scratch) after a warning."""
+    from scfm_kernels import _bwd
+
+    monkeypatch.delenv("SCFM_KERNELS_DS_SCRATCH_MIB", raising=False)
+    monkeypatch.setattr(_bwd, "_WARNED_SCRATCH", False)
+    made, launched = [], []
+
+    def scarce(shape, dtype, device):
+        if len(shape) == 3 and shape[0] > fits * 2:  # a scratch for more pairs than fit (group 2)
+            raise torch.OutOfMemoryError(f"no room for {tuple(shape)}")
+        made.append(tuple(shape))
+        return _common.new_output(shape, dtype, device)
+
+    real_launch = _bwd._launch
+
+    def counting(kernel, *args):
+        if kernel is _bwd._dq_ds_kernel:
+            launched.append(kernel)
+        return real_launch(kernel, *args)
+
+    monkeypatch.setattr(_bwd, "new_output", scarce)
+    monkeypatch.setattr(_bwd, "_launch", counting)
+    if fits:
+        _check_padded(3, 37, 4, 2, 128, torch.bfloat16, _lens(3, 37))
+    else:
+        with pytest.warns(UserWarning, match="recomputes dQ"):
+            _check_padded(3, 37, 4, 2, 128, torch.bfloat16, _lens(3, 37))
+    assert [s for s in made if len(s) == 3] == ([(2, 128, 128)] if fits else [])
+    assert len(launched) == launches
+
+
 def test_dq_path_choice_follows_hardware_determinism_and_budget(monkeypatch):
     from scfm_kernels._bwd import ds_rows, pick_dq_path
 
