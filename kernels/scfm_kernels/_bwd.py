@@ -542,7 +542,8 @@ def attention_backward(
 
     How dQ is formed (`pick_dq_path` unless dq_path names one of DQ_PATHS; paths other than "recompute" need
     16-bit inputs on tensor-descriptor hardware and fall back to it elsewhere):
-      "stored" (deterministic default at head dims 97-128): the dK/dV kernel also writes each pair's dSᵀ
+      "stored" (deterministic default at head dims 97-128, and at 64 where the warp-specialized dK/dV kernel
+          runs): the dK/dV kernel also writes each pair's dSᵀ
           (16-bit, the values the dQ product rounds to anyway) into a scratch buffer of at most
           `_common.ds_scratch_bytes()` (pairs of (batch, key head) in turns when they do not all fit; asked for
           explicitly, at least one pair whatever the budget; fewer pairs per turn, then "recompute", when the
@@ -615,7 +616,7 @@ def attention_backward(
         chunk, ds = pairs, dq_acc
     s_in = [*_bth(q, varlen), *_bth(k, varlen), *_bth(v, varlen), *_bth(do, varlen)]
     s_out = [*_bth(dk, varlen), *_bth(dv, varlen), *_bth(dq_acc, varlen), ds.stride(0), ds.stride(1)]
-    ws = _ws_dkdv(path, q, use_tma, kcfg)
+    ws = _ws_dkdv(path, q, use_tma, kcfg, ws_default)
     if kcfg is not None:
         kcfg.pop("KERNEL", None)
     for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
@@ -642,13 +643,14 @@ def attention_backward(
     return dq, dk, dv
 
 
-def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None) -> bool:
+def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:
     """Whether the stored path's dK/dV kernel is the warp-specialized one (`_bwd_ws`): asked for with
-    dkdv_config KERNEL="ws" (an error where it cannot run); by default wherever it can run, unless
-    SCFM_KERNELS_BWD=triton or dkdv_config is a launch of the Triton kernel (KERNEL absent or "triton")."""
-    can = path == "stored" and _bwd_ws.supported(q, use_tma)
+    dkdv_config KERNEL="ws" (an error where it cannot run); without a dkdv_config, on the stored path when
+    ws_default (it can run and SCFM_KERNELS_BWD is not "triton"); not for a launch of the Triton kernel
+    (KERNEL absent or "triton")."""
     if kcfg is None:
-        return BWD_KERNEL == "ws" and can
+        return ws_default and path == "stored"
+    can = path == "stored" and _bwd_ws.supported(q, use_tma)
     asked = kcfg.get("KERNEL", "triton")
     if asked not in ("triton", "ws"):
         raise ValueError(f"dkdv_config KERNEL={asked!r}: expected 'triton' or 'ws'")

@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 
 from . import _fwd_ws
-from ._common import AUTOTUNE, INTERPRET
 from ._common import compile_sm90 as common_compile_sm90
+from ._common import for_head_dim, head_dim_autotuner
 
 # Served where the warp-specialized forward is (Hopper, 16-bit, the same head dims, descriptor-friendly layouts):
 # `supported(q, use_tma)`.
@@ -210,25 +210,11 @@ def dkdv_ws_configs(head_dim: int | None = None) -> list[dict]:
     tests/unit/test_kernels_ws.py); at D = 128, 64-row query blocks spilled 8–32 bytes and are left out. At D = 128
     run 15's autotuner chose 32 rows with 4 stages at L = 4K/8K and 6 stages at 16K."""
     configs = [_launch((128,), 32, 4), _launch((128,), 32, 6), _launch((64,), 64, 3), _launch((64,), 32, 4)]
-    return [{k: v for k, v in c.items() if k != "DIMS"} for c in configs if head_dim is None or head_dim in c["DIMS"]]
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    mine = dkdv_ws_configs(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
-    kept = [c for c in configs if c.kwargs in mine]
-    return kept if AUTOTUNE else kept[:1]
+    return for_head_dim(configs, head_dim)
 
 
 _KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET"]
-_tuned = (
-    triton.autotune(
-        configs=[triton.Config(c, num_warps=4) for c in dkdv_ws_configs()],
-        key=_KEY,
-        prune_configs_by={"early_config_prune": _prune},
-    )(_dkdv_ws_kernel)
-    if available()
-    else None
-)
+_tuned = head_dim_autotuner(_dkdv_ws_kernel, dkdv_ws_configs, _KEY) if available() else None
 
 
 def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None = None) -> None:
@@ -243,7 +229,7 @@ def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None 
 
 def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1) -> dict[str, object]:
     """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
-    if INTERPRET or gluon is None:
+    if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
     constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, **config)
     return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)

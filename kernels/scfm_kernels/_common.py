@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -82,6 +83,24 @@ def ds_scratch_bytes(device: torch.device) -> int:
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def for_head_dim(launches: list[dict], head_dim: int | None) -> list[dict]:
+    """The launches of a list whose DIMS (the head dims each serves) hold head_dim (all for None), DIMS dropped."""
+    return [{k: v for k, v in c.items() if k != "DIMS"} for c in launches if head_dim is None or head_dim in c["DIMS"]]
+
+
+def head_dim_autotuner(kernel, configs_for: Callable[[int | None], list[dict]], key: list[str]):
+    """An autotuner of a warp-specialized kernel (four warps per partition) over every launch of configs_for(None);
+    each call keeps those of configs_for(HEAD_DIM), only the first with SCFM_KERNELS_AUTOTUNE=0."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        mine = configs_for(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+        kept = [c for c in configs if c.kwargs in mine]
+        return kept if AUTOTUNE else kept[:1]
+
+    configs = [triton.Config(c, num_warps=4) for c in configs_for(None)]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def set_descriptor_allocator() -> None:

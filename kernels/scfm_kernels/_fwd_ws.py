@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._common import AUTOTUNE, INTERPRET
+from ._common import INTERPRET, for_head_dim, head_dim_autotuner
 from ._common import compile_sm90 as common_compile_sm90
 
 gluon = None
@@ -260,25 +260,11 @@ def fwd_ws_configs(head_dim: int | None = None) -> list[dict]:
         _launch((64,), 3, 128, 3, 160),
         _launch((64,), 3, 64, 4, 160),
     ]
-    return [{k: v for k, v in c.items() if k != "DIMS"} for c in configs if head_dim is None or head_dim in c["DIMS"]]
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    mine = fwd_ws_configs(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
-    kept = [c for c in configs if c.kwargs in mine]
-    return kept if AUTOTUNE else kept[:1]
+    return for_head_dim(configs, head_dim)
 
 
 _KEY = ["HEAD_DIM", "GROUP", "VARLEN", "SIG", "LEN_BUCKET"]
-_tuned = (
-    triton.autotune(
-        configs=[triton.Config(c, num_warps=4) for c in fwd_ws_configs()],
-        key=_KEY,
-        prune_configs_by={"early_config_prune": _prune},
-    )(_fwd_ws_kernel)
-    if available()
-    else None
-)
+_tuned = head_dim_autotuner(_fwd_ws_kernel, fwd_ws_configs, _KEY) if available() else None
 
 
 def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | None = None) -> None:

@@ -8,9 +8,10 @@ Supported:
   - GQA/MQA: k/v with K heads where H is a multiple of K;
   - trailing padding per sequence (`seq_lens`) and packed sequences (`cu_seqlens`);
   - forward (on Hopper, 16-bit, D 64 or 128: a warp-specialized Gluon kernel, `_fwd_ws`; SCFM_KERNELS_FWD=triton
-    keeps the Triton kernel) and a deterministic backward (no atomics) for q, k and v (at head dims 97-128 in 16-bit on Hopper
-    it stores dSᵀ in a scratch buffer capped by SCFM_KERNELS_DS_SCRATCH_MIB, default 1/16 of the GPU's
-    memory; 0 turns that off); `deterministic=False` opts into a
+    keeps the Triton kernel) and a deterministic backward (no atomics) for q, k and v (in 16-bit on Hopper at head
+    dims 64 and 97-128 it stores dSᵀ in a scratch buffer capped by SCFM_KERNELS_DS_SCRATCH_MIB, default 1/16 of
+    the GPU's memory; 0 turns that off; at 64 and 128 a warp-specialized dK/dV kernel, `_bwd_ws`,
+    SCFM_KERNELS_BWD=triton keeps the Triton one); `deterministic=False` opts into a
     one-pass backward (bf16/fp16 on Hopper) that adds dQ with atomics: fewer tile products, run-to-run
     differences in the last bits of dQ;
   - torch.compile: both directions are `torch.library` custom ops (`scfm::sigmoid_attn_fwd`/`_bwd`), so a
