@@ -124,7 +124,7 @@ def train_loop(payload: dict[str, Any]) -> None:
             if cfg.train.val_every and state.step % cfg.train.val_every == 0:
                 metrics["val_loss"] = _validate(engine, cfg, rank, world, device)
             if rank == 0 and cfg.eval.every and state.step % cfg.eval.every == 0:
-                metrics.update(_evaluate(engine, cfg))
+                metrics.update(_evaluate(engine, cfg, device))
             save = (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == end
             save = save or interrupted
             if log is not None:
@@ -213,7 +213,7 @@ def _validate(engine, cfg: RunConfig, rank: int, world: int, device: torch.devic
     return _all_sum([total])[0] / (n_val * world)
 
 
-def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
+def _evaluate(engine, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Rank 0: embedding scores of the held-out labelled cells (`eval` section), as eval/<score>; never fatal."""
     import warnings
     from dataclasses import replace
@@ -234,10 +234,8 @@ def _evaluate(engine, cfg: RunConfig) -> dict[str, float]:
         keep = dataset_cells(obs, e.datasets, d.atlas)
         d = replace(d, engine="local")  # rank 0 reads the evaluation cells in-process (no Ray Data pipeline)
         batches = data.batches(d, rank=0, world_size=1, epoch=0, split=split, only=keep)
-        amp = cfg.train.precision == "amp"  # the forward as training runs it (bf16 autocast over fp32 weights)
-        scores = training_scores(
-            engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells, autocast_bf16=amp
-        )
+        with autocast(cfg, device):  # the forward as training runs it
+            scores = training_scores(engine.module, batches, obs[e.label], seed=cfg.train.seed, max_cells=e.max_cells)
     except Exception as e:
         warnings.warn(f"in-training evaluation failed, training goes on: {e}", stacklevel=2)
         return {}

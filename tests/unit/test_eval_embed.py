@@ -95,12 +95,16 @@ def test_zarr_and_h5ad_round_trip(tmp_path) -> None:
 
 
 def test_embed_cells_under_bf16_autocast_matches_fp32_closely() -> None:
-    """autocast_bf16 (training with train.precision=amp): fp32 weights, the forward in bf16 — close to the fp32
-    embedding but not equal to it (so the forward did run in bf16)."""
+    """Under the trainer's autocast for train.precision=amp (fp32 weights, the forward in bf16) the embedding is
+    close to the fp32 one but not equal to it (so the forward did run in bf16)."""
+    from scfm_platform.config import from_dict
+    from scfm_platform.engine import autocast
+
     model = _model("mean")
     batches = _batches()
     _, X32 = embed_cells(model, batches)
-    _, X16 = embed_cells(model, batches, autocast_bf16=True)
+    with autocast(from_dict({"data": {"atlas": "unused"}, "train": {"precision": "amp"}}), torch.device("cpu")):
+        _, X16 = embed_cells(model, batches)
     assert X16.dtype == np.float32 and np.isfinite(X16).all()
     rel = np.linalg.norm(X16 - X32) / np.linalg.norm(X32)
     assert 0 < rel < 3e-2, rel

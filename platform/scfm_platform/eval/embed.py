@@ -34,16 +34,13 @@ def unmasked_inputs(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return gene_ids, values, batch[schema.SEQ_LENS]
 
 
-def embed_cells(
-    model: Any, batches: Iterable[Mapping[str, torch.Tensor]], *, autocast_bf16: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+def embed_cells(model: Any, batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
     """(soma_joinid int64 [N], X float32 [N, D]) for every cell of `batches`, sorted by soma_joinid.
 
     `model` is a bare module (not a DeepSpeed engine: pass `engine.module`) with `cell_embedding`. Runs in eval mode
     under inference_mode on the model's device; the model's train/eval mode is restored afterwards. A cell delivered
-    twice is an error (the data service delivers each cell exactly once per epoch). autocast_bf16: the forward under
-    bf16 autocast, as training runs with `train.precision=amp` (fp32 weights; without it the attention would run
-    in fp32, the kernels' slowest path).
+    twice is an error (the data service delivers each cell exactly once per epoch). An autocast context around the
+    call holds for the forward (the trainer's under `train.precision=amp`: `scfm_platform.engine.autocast`).
     """
     import torch
 
@@ -54,7 +51,7 @@ def embed_cells(
     model.eval()
     ids, embs = [], []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        with torch.inference_mode():
             for batch in batches:
                 gene_ids, values, seq_lens = (t.to(device, non_blocking=True) for t in unmasked_inputs(batch))
                 emb_BD = model.cell_embedding(gene_ids, values, seq_lens)

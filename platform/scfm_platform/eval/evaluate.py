@@ -343,16 +343,14 @@ def training_scores(
     seed: int = 0,
     resolutions: Sequence[float] = (0.25, 0.5, 1.0),
     max_cells: int = 5000,
-    autocast_bf16: bool = False,
 ) -> dict[str, float]:
-    """Scores of the model's embedding of a held-out labelled set, for the trainer to log every N steps
-    (autocast_bf16 as in `embed_cells`).
+    """Scores of the model's embedding of a held-out labelled set, for the trainer to log every N steps.
 
     `labels` is indexed by soma_joinid. At most `max_cells` cells (seeded subset) are scored, with a short Leiden
     sweep, so one call costs seconds, not minutes. No files, no MLflow: the trainer logs the returned dict with
     its step (as eval/<score>, like `launch eval`).
     """
-    joinids, X = embed_cells(model, batches, autocast_bf16=autocast_bf16)
+    joinids, X = embed_cells(model, batches)
     lab = labels.reindex(joinids).to_numpy()
     if len(joinids) > max_cells:
         keep = np.sort(np.random.default_rng(seed).choice(len(joinids), size=max_cells, replace=False))
