@@ -45,6 +45,10 @@ if gluon is not None:
         nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8
         j = 0
         for g in range(GROUP):
+            # The descriptors below reuse one global slot per head: the loads issued through the previous head's
+            # must have landed before it is rewritten (their stages' last fills completed).
+            for k in range(gl.maximum(j - NUM_BUF, 0), j):
+                mbarrier.wait(ready.index(k % NUM_BUF), (k // NUM_BUF) & 1)
             h = hk * GROUP + g
             q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
             do_base = DO + b * stride_dob + start * stride_dot + h * stride_doh
@@ -97,6 +101,8 @@ if gluon is not None:
             j = 0
             for g in range(GROUP):
                 # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's scratch (see `_bwd._dq_ds_kernel`).
+                # Its descriptor reuses the previous head's global slot: that head's last store must be done with it.
+                tma.store_wait(0)
                 ds_desc = tma.make_tensor_descriptor(
                     DS + (ds_head0 + g).to(gl.int64) * stride_dsh, shape=[stride_dsn, stride_dsn],
                     strides=[stride_dsn, 1], block_shape=[BLOCK_N, BLOCK_M], layout=ds_smem.type.layout,

@@ -91,15 +91,20 @@ def for_head_dim(launches: list[dict], head_dim: int | None) -> list[dict]:
 
 
 def head_dim_autotuner(kernel, configs_for: Callable[[int | None], list[dict]], key: list[str]):
-    """An autotuner of a warp-specialized kernel (four warps per partition) over every launch of configs_for(None);
-    each call keeps those of configs_for(HEAD_DIM), only the first with SCFM_KERNELS_AUTOTUNE=0."""
+    """An autotuner of a warp-specialized kernel (four warps per partition) over every distinct launch of
+    configs_for(None); each call keeps those of configs_for(HEAD_DIM) in that list's order, so the first of its list
+    is the one SCFM_KERNELS_AUTOTUNE=0 launches, and a launch two head dims share is timed once."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         mine = configs_for(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
-        kept = [c for c in configs if c.kwargs in mine]
+        kept = [next(c for c in configs if c.kwargs == m) for m in mine]
         return kept if AUTOTUNE else kept[:1]
 
-    configs = [triton.Config(c, num_warps=4) for c in configs_for(None)]
+    distinct: list[dict] = []
+    for c in configs_for(None):
+        if c not in distinct:
+            distinct.append(c)
+    configs = [triton.Config(c, num_warps=4) for c in distinct]
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -110,7 +115,7 @@ def set_descriptor_allocator() -> None:
 
 # The kernels' pointer arguments by name: 16-bit data, but for these.
 _DATA_POINTERS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "DS")
-_POINTER_TYPES = {"SEQ": "*i32", "BIAS": "*fp32", "DQA": "*fp32"}
+_POINTER_TYPES = {"SEQ": "*i32", "BIAS": "*fp32", "DQA": "*fp32", "CUM": "*i32", "PART": "*fp32"}
 _FLOAT_SCALARS = ("neg_scale_log2e", "scale")
 
 

@@ -24,11 +24,18 @@ tests/unit compiles every launch for sm_90 (`compile_sm90`) to check that none s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
+from . import _split
 from ._common import INTERPRET, for_head_dim, head_dim_autotuner
 from ._common import compile_sm90 as common_compile_sm90
+
+# SCFM_KERNELS_TAIL_SPLIT=1 (opt-in): the last wave's tiles in parts over the keys (`_split`). Measured on the H200
+# (docs/benchmarks.md, run 16): +1-3% at L = 8K-16K, 3-9% slower at 4K, level on the 160M trainer's batch.
+TAIL_SPLIT = os.environ.get("SCFM_KERNELS_TAIL_SPLIT", "0") == "1"
 
 gluon = None
 if not INTERPRET:  # the CPU interpreter runs no Gluon: a process under it does not import it at all
@@ -66,6 +73,7 @@ def supported(q: torch.Tensor, use_tma: bool) -> bool:
 
 
 if gluon is not None:
+    from ._split import KEY_UNIT, S_MAX, part_blocks, tile_work
     from ._tile import query_head, sigmoid_from_log2
 
     @gluon.jit
@@ -81,7 +89,7 @@ if gluon is not None:
 
     @gluon.jit
     def _loader(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr):
-        (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
+        (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks, kb0,
          k_smem, v_smem, k_ready, v_ready, kv_free) = args  # fmt: skip
         k_base = K + b * stride_kb + start * stride_kt + hk * stride_kh
         v_base = V + b * stride_vb + start * stride_vt + hk * stride_vh
@@ -93,9 +101,9 @@ if gluon is not None:
             # A fresh barrier counts as having completed the phase before its first: the first NUM_BUF waits pass.
             mbarrier.wait(kv_free.index(stage), ((j // NUM_BUF) & 1) ^ 1)
             mbarrier.expect(k_ready.index(stage), nbytes)
-            tma_load(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
+            tma_load(k_desc, [(kb0 + j) * BLOCK_N, 0], k_ready.index(stage), k_smem.index(stage))
             mbarrier.expect(v_ready.index(stage), nbytes)
-            tma_load(v_desc, [j * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [(kb0 + j) * BLOCK_N, 0], v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
     def _weights(s, neg_scale_log2e, bias_log2, dtype: gl.constexpr, p_layout: gl.constexpr, SIG: gl.constexpr):
@@ -143,8 +151,10 @@ if gluon is not None:
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr,
     ):  # fmt: skip
         """Consumer WG (0-based) of the program: query rows [row0 + WG·BLOCK_M, + BLOCK_M)."""
-        (Q, O, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b, h,
-         start, n, n_blocks, row0, T_MAX, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_free) = args  # fmt: skip
+        (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b,
+         h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
+         kv_free) = args  # fmt: skip
+        tile_row0 = row0
         row0 = row0 + WG * BLOCK_M
         q_smem = q_smem.index(WG)
         q_ready = q_ready.index(WG)
@@ -172,11 +182,15 @@ if gluon is not None:
 
         offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        acc = gl.where((offs_m < n)[:, None], acc, 0.0)
-        o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
-        o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :]
-        store_rows = offs_m < n if VARLEN else offs_m < T_MAX
-        gl.store(o_ptrs, acc.to(dtype), mask=store_rows[:, None])
+        if piece >= 0:  # one part of a split tile's keys: float32 partial rows for `_split._finish_fwd`
+            p_ptrs = part_base + (offs_m - tile_row0)[:, None] * HEAD_DIM + offs_d[None, :]
+            gl.store(p_ptrs, acc)
+        else:
+            acc = gl.where((offs_m < n)[:, None], acc, 0.0)
+            o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
+            o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :]
+            store_rows = (offs_m < n if VARLEN else offs_m < T_MAX) & (piece == -1)
+            gl.store(o_ptrs, acc.to(dtype), mask=store_rows[:, None])
 
     @gluon.jit
     def _fwd_ws_kernel(
@@ -186,15 +200,26 @@ if gluon is not None:
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot, stride_oh,
-        T_MAX, H,
+        T_MAX, H, CUM, PART, B, N_M, NSM,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0,
+        NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0, SPLIT: gl.constexpr = 0,
     ):  # fmt: skip
-        b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, gl.program_id(1), H, T_MAX, GROUP, VARLEN)
-        row0 = gl.program_id(0) * (NUM_CONSUMERS * BLOCK_M)
+        """SPLIT=1: the 1-D grid of `_split.tile_work` (the last wave's tiles in parts over the keys, partials to
+        PART); SPLIT=0: a 2-D grid (query tile, pair), CUM, PART, B, N_M and NSM unused."""
+        if SPLIT:
+            pair, m, part, n_parts, piece = tile_work(gl.program_id(0), CUM, B, H, N_M, NSM, S_MAX)
+        else:
+            pair, m, part, n_parts, piece = gl.program_id(1), gl.program_id(0), 0, 1, -1
+        b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, pair, H, T_MAX, GROUP, VARLEN)
+        row0 = m * (NUM_CONSUMERS * BLOCK_M)
+        if SPLIT:
+            kb0, kb1 = part_blocks(n, part, n_parts, BLOCK_N, KEY_UNIT)
+        else:
+            kb0, kb1 = 0, gl.cdiv(n, BLOCK_N)
         # A program whose rows all lie past the sequence's end loads no keys; it only writes zeros (padded layout).
-        n_blocks = gl.where(row0 < n, gl.cdiv(n, BLOCK_N), 0)
+        n_blocks = gl.where((row0 < n) & (piece != -2), kb1 - kb0, 0)
+        part_base = PART + gl.maximum(piece, 0).to(gl.int64) * (NUM_CONSUMERS * BLOCK_M * HEAD_DIM)
 
         dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -213,10 +238,11 @@ if gluon is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_free.index(i), count=NUM_CONSUMERS)  # every consumer releases each stage
 
-        kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
+        kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks, kb0,
               k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
-        c = (Q, O, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b, h,
-             start, n, n_blocks, row0, T_MAX, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_free)  # fmt: skip
+        c = (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e,
+             bias_log2, b, h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
+             kv_free)  # fmt: skip
         # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
         if NUM_CONSUMERS == 2:
             gl.warp_specialize(
@@ -259,6 +285,7 @@ def fwd_ws_configs(head_dim: int | None = None) -> list[dict]:
         _launch((128,), 3, 64, 3, 160),
         _launch((64,), 3, 128, 3, 160),
         _launch((64,), 3, 64, 4, 160),
+        _launch((64,), 3, 128, 4, 160),
     ]
     return for_head_dim(configs, head_dim)
 
@@ -267,20 +294,53 @@ _KEY = ["HEAD_DIM", "GROUP", "VARLEN", "SIG", "LEN_BUCKET"]
 _tuned = head_dim_autotuner(_fwd_ws_kernel, fwd_ws_configs, _KEY) if available() else None
 
 
+def tile_rows(head_dim: int, config: dict | None = None) -> int:
+    """Query rows per program: of `config`, or the one value every launch of the list for head_dim shares (the
+    tail split's tile counts are computed before the autotuner picks a launch)."""
+    if config is not None:
+        return config.get("NUM_CONSUMERS", 2) * config["BLOCK_M"]
+    rows = {c["NUM_CONSUMERS"] * c["BLOCK_M"] for c in fwd_ws_configs(head_dim)}
+    if len(rows) != 1:
+        raise AssertionError(f"fwd_ws_configs({head_dim}) mixes tile heights {sorted(rows)}; the tail split needs one")
+    return rows.pop()
+
+
 def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | None = None) -> None:
     """Launches the warp-specialized forward: args as `_fwd._fwd_kernel`'s, meta its keyword arguments (the ones
-    named in the autotune key are used); config, a fixed launch from `fwd_ws_configs()` instead of the autotuner."""
+    named in the autotune key are used); config, a fixed launch from `fwd_ws_configs()` instead of the autotuner,
+    with SPLIT=0/1 to override SCFM_KERNELS_TAIL_SPLIT. With the tail split (opt-in) the last wave's tiles run in
+    parts over the keys and `_split.finish_fwd` adds their partials (`_split`)."""
     keep = {k: meta[k] for k in _KEY}
-    if config is None:
-        _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * m["BLOCK_M"]), B * H)](*args, **keep)
+    cfg = dict(config) if config is not None else None
+    split = int(cfg.pop("SPLIT", TAIL_SPLIT) if cfg is not None else TAIL_SPLIT)
+    rows = tile_rows(meta["HEAD_DIM"], cfg)
+    n_m = triton.cdiv(t_max, rows)
+    q, o, seq, bias = args[0], args[3], args[4], args[5]
+    if split:
+        nsm = _split.num_sms(q.device)
+        cum = _split.tile_cumsum(seq, meta["VARLEN"], t_max, rows)
+        part = _split.scratch(nsm, rows, meta["HEAD_DIM"], q.device)
+        tail = (cum, part, B, n_m, nsm)
+        grid = (n_m * B * H + nsm,)
     else:
-        grid = (triton.cdiv(t_max, config.get("NUM_CONSUMERS", 2) * config["BLOCK_M"]), B * H)
-        _fwd_ws_kernel[grid](*args, **keep, **config, num_warps=4)
+        tail = (seq, bias, B, n_m, 1)  # unused, of the pointer types the kernel declares
+        grid = (n_m, B * H)
+    if cfg is None:
+        _tuned[lambda m: grid](*args, *tail, **keep, SPLIT=split)
+    else:
+        _fwd_ws_kernel[grid](*args, *tail, **keep, **cfg, SPLIT=split, num_warps=4)
+    if split:
+        finish = dict(TILE_ROWS=rows, HEAD_DIM=meta["HEAD_DIM"], VARLEN=meta["VARLEN"])
+        _split.finish_fwd((o, *args[16:19]), part, cum, seq, (t_max, B, H, nsm), finish)
 
 
-def compile_sm90(head_dim: int, config: dict, varlen: bool = False, dtype: str = "bf16") -> dict[str, object]:
-    """The warp-specialized forward at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
+def compile_sm90(
+    head_dim: int, config: dict, varlen: bool = False, dtype: str = "bf16", split: bool = True
+) -> dict[str, object]:
+    """The warp-specialized forward at one launch (tail split or not), compiled for Hopper without a GPU
+    (`_common.compile_sm90`)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    constexprs = dict(GROUP=1, HEAD_DIM=head_dim, VARLEN=varlen, SIG=3 if dtype == "bf16" else 1, **config)
+    sig = 3 if dtype == "bf16" else 1
+    constexprs = dict(GROUP=1, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, SPLIT=int(split), **config)
     return common_compile_sm90(_fwd_ws_kernel, constexprs, dtype, num_warps=4, gluon_kernel=True)

@@ -7,7 +7,8 @@ Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 204
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
 fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS_SCRATCH_MIB=0, no scratch);
 `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False); `ours_bwd_tr`: the stored path with the
-Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128). TFLOPS use the
+Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128); `ours_fwd_split`: the
+forward with the opt-in tail split (SCFM_KERNELS_TAIL_SPLIT=1: the last wave's tiles in parts over the keys). TFLOPS use the
 FlashAttention convention: 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are
 `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
@@ -58,6 +59,16 @@ def _bwd_kernel(name: str):
         yield
     finally:
         _bwd.BWD_KERNEL = old
+
+
+@contextlib.contextmanager
+def _tail_split(on: bool):
+    """SCFM_KERNELS_TAIL_SPLIT inside the block: the warp-specialized forward's last wave split (`_split`) or not."""
+    old, _fwd_ws.TAIL_SPLIT = _fwd_ws.TAIL_SPLIT, on
+    try:
+        yield
+    finally:
+        _fwd_ws.TAIL_SPLIT = old
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -131,9 +142,13 @@ def run_table(
                 q, k, v, lens = _inputs(B, L, H, D, pad, gen)
                 flops = sum(4.0 * H * D * n * n for n in lens.tolist())
                 seq = None if pad == 0 else lens
-                row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad}
+                row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad, "lens": lens.tolist()}
                 fwd, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_fwd"], row["ours_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
+                if _fwd_ws.supported(q, True) and not _fwd_ws.TAIL_SPLIT:  # the same forward, tail split
+                    with _tail_split(True):
+                        fwd = _median_ms(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s))
+                    row["ours_fwd_split"] = _tflops(flops, fwd)
                 _, bwd = _time_fwd_bwd(
                     lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False), (q, k, v)
                 )
@@ -184,6 +199,7 @@ def run_table(
 
 _COLS = [
     "ours_fwd",
+    "ours_fwd_split",
     "ours_bwd",
     "ours_bwd_rc",
     "ours_bwd_tr",

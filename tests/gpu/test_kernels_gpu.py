@@ -109,6 +109,40 @@ def test_every_warp_specialized_forward_launch_is_correct(D):
         assert err < TOL[torch.bfloat16], f"{cfg}, packed: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("nsm", [5, 7, 16, 40])
+def test_tail_split_forward_is_correct_and_deterministic(nsm, monkeypatch):
+    """The warp-specialized forward with its last wave split over the keys (`_split`), the multiprocessor count it
+    plans for set low so that 2, 3 or 4 parts occur (40: three): padded with GQA and packed, against float64 and
+    against the same launch unsplit; bitwise the same on a second run."""
+    from scfm_kernels import _fwd_ws, _split
+    from scfm_kernels._fwd import attention_forward
+
+    monkeypatch.setattr(_split, "num_sms", lambda device: nsm)
+    B, T, H, K = 3, 1500, 4, 2
+    lens = torch.tensor([T, 1, 700], device="cuda", dtype=torch.int32)
+    cu = torch.tensor([0, 700, 701, 701, 1400], device="cuda", dtype=torch.int32)
+    for D in (64, 128):
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ref = sk.sigmoid_attention_reference(q.double(), k.double(), v.double(), lens)
+        qp, kp, vp = (t[0, :1400].contiguous() for t in (q, k, v))
+        ref_p = sk.sigmoid_attention_varlen_reference(qp.double(), kp.double(), vp.double(), cu, 700)
+        bias, bias_p = -torch.log(lens.float()), -torch.log((cu[1:] - cu[:-1]).clamp(min=1).float())
+        for cfg in _fwd_ws.fwd_ws_configs(D):
+            split, whole = dict(cfg, KERNEL="ws", SPLIT=1), dict(cfg, KERNEL="ws", SPLIT=0)
+            out = attention_forward(q, k, v, lens, bias, D**-0.5, False, T, config=split)
+            err = _relerr(out, ref)
+            assert err < TOL[torch.bfloat16], f"D={D} {cfg} nsm={nsm}: relative error {err:.2e}"
+            for b, n in enumerate(lens.tolist()):
+                assert torch.all(out[b, n:] == 0), f"D={D} {cfg} nsm={nsm}: out[{b}, {n}:] is not exactly 0"
+            assert torch.equal(out, attention_forward(q, k, v, lens, bias, D**-0.5, False, T, config=split))
+            unsplit = attention_forward(q, k, v, lens, bias, D**-0.5, False, T, config=whole)
+            assert _relerr(out, unsplit.double()) < 4e-3, f"D={D} {cfg} nsm={nsm}: split and whole differ"
+            out_p = attention_forward(qp, kp, vp, cu, bias_p, D**-0.5, True, 700, config=split)
+            err = _relerr(out_p, ref_p)
+            assert err < TOL[torch.bfloat16], f"D={D} {cfg} nsm={nsm}, packed: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_warp_specialized_dkdv_launch_is_correct(D):
     """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its

@@ -44,6 +44,13 @@ def test_every_launch_fits_shared_memory_and_registers(head_dim):
         assert c["NUM_CONSUMERS"] * 128 * c["CONSUMER_REGS"] + 128 * 24 <= REGS_PER_SM, c
 
 
+@pytest.mark.parametrize("head_dim", _fwd_ws.HEAD_DIMS)
+def test_every_forward_launch_shares_one_tile_height(head_dim):
+    """The tail split counts tiles before the autotuner picks a launch: every launch of a head dim's list must
+    cover the same query rows."""
+    assert _fwd_ws.tile_rows(head_dim) == 192
+
+
 def _json_without_interpreter(script: str):
     """What `script` prints as JSON, run in a process without TRITON_INTERPRET (ptxas compiles there)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -60,9 +67,10 @@ from scfm_kernels import _bwd_ws, _fwd_ws
 out = []
 for d in _fwd_ws.HEAD_DIMS:
     configs = _fwd_ws.fwd_ws_configs(d)
-    runs = [(c, False, "bf16") for c in configs] + [(configs[0], True, "bf16"), (configs[0], False, "fp16")]
-    for c, varlen, dtype in runs:
-        r = _fwd_ws.compile_sm90(d, c, varlen=varlen, dtype=dtype)
+    runs = [(c, False, "bf16", True) for c in configs]
+    runs += [(configs[0], True, "bf16", True), (configs[0], False, "fp16", True), (configs[0], False, "bf16", False)]
+    for c, varlen, dtype, split in runs:
+        r = _fwd_ws.compile_sm90(d, c, varlen=varlen, dtype=dtype, split=split)
         ptx = r["ptx"]
         out.append(dict(d=d, config=c, varlen=varlen, dtype=dtype, shared=r["shared"], resources=r["resources"],
                         wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
@@ -79,11 +87,12 @@ json.dump(out, sys.stdout)
 
 
 def test_every_launch_compiles_for_hopper_without_spills():
-    """Every launch of the warp-specialized forward and dK/dV kernels, ptxas for sm_90 in a process without the
-    interpreter: no stack or local memory (spilled registers), shared memory within the limit, warp-group products,
-    register reallocation and mbarrier waits in the PTX."""
+    """Every launch of the warp-specialized forward (with the opt-in tail split; one launch also without) and
+    dK/dV kernels, ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled
+    registers), shared memory within the limit, warp-group products, register reallocation and mbarrier waits in
+    the PTX."""
     results = _json_without_interpreter(_COMPILE)
-    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 2 + 2 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
+    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 3 + 2 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
     assert len(results) == want
     for r in results:
         what = f"{r['kernel']} D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
@@ -95,7 +104,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
 
 _COMPILE_TRITON = """
 import json, sys
-from scfm_kernels import _bwd, _common, _fwd
+from scfm_kernels import _bwd, _common, _fwd, _split
 base = dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, VARLEN=False, DOT_MODE=0, USE_TMA=True, LEN_BUCKET=8192)
 runs = [("fwd", _fwd._fwd_kernel, _fwd._fwd_configs()[0], dict(FAST_SIGMOID=False, WS=False, SIG=3)),
         ("dkdv", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=0)),
@@ -106,6 +115,9 @@ out = {}
 for name, kernel, c, extra in runs:
     r = _common.compile_sm90(kernel, {**base, **c.kwargs, **extra}, num_warps=c.num_warps, num_stages=c.num_stages)
     out[name] = dict(resources=r["resources"], ex2="ex2.approx.ftz.f32" in r["ptx"], wgmma="wgmma" in r["ptx"])
+finish = dict(TILE_ROWS=192, HEAD_DIM=128, ROWS=64, S_MAX=_split.S_MAX, VARLEN=False)
+r = _common.compile_sm90(_split._finish_fwd, finish, num_warps=4)
+out["finish"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
 json.dump(out, sys.stdout)
 """
 
@@ -114,7 +126,8 @@ def test_the_triton_kernels_compile_for_hopper():
     """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
     float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
     got = _json_without_interpreter(_COMPILE_TRITON)
-    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds"}
+    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds", "finish"}
+    assert got.pop("finish")["stores"], "the tail split's finishing kernel stores nothing"
     for name, r in got.items():
         assert r["wgmma"], f"{name}: no warp-group products in the PTX ({r['resources']})"
         assert r["ex2"] or name == "dq_ds", f"{name}: the sigmoid's flush-to-zero ex2 is missing"
