@@ -52,23 +52,15 @@ def _scratch_mib(value: str):
 
 
 @contextlib.contextmanager
-def _bwd_kernel(name: str):
-    """The stored path's dK/dV kernel inside the block: "ws" (`_bwd_ws`) or "triton" (SCFM_KERNELS_BWD)."""
-    old, _bwd.BWD_KERNEL = _bwd.BWD_KERNEL, name
+def _module_setting(module, name: str, value):
+    """module.name = value inside the block: a kernel choice its launcher reads at every call, e.g. `_bwd.BWD_KERNEL`
+    (SCFM_KERNELS_BWD) or `_fwd_ws.TAIL_SPLIT` (SCFM_KERNELS_TAIL_SPLIT)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        _bwd.BWD_KERNEL = old
-
-
-@contextlib.contextmanager
-def _tail_split(on: bool):
-    """SCFM_KERNELS_TAIL_SPLIT inside the block: the warp-specialized forward's last wave split (`_split`) or not."""
-    old, _fwd_ws.TAIL_SPLIT = _fwd_ws.TAIL_SPLIT, on
-    try:
-        yield
-    finally:
-        _fwd_ws.TAIL_SPLIT = old
+        setattr(module, name, old)
 
 
 def _median_ms(fn: Callable[[], object]) -> float:
@@ -146,7 +138,7 @@ def run_table(
                 fwd, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                 row["ours_fwd"], row["ours_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
                 if _fwd_ws.supported(q, True) and not _fwd_ws.TAIL_SPLIT:  # the same forward, tail split
-                    with _tail_split(True):
+                    with _module_setting(_fwd_ws, "TAIL_SPLIT", True):
                         fwd = _median_ms(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s))
                     row["ours_fwd_split"] = _tflops(flops, fwd)
                 _, bwd = _time_fwd_bwd(
@@ -162,7 +154,7 @@ def run_table(
                     and _bwd_ws.supported(q, True)
                     and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored"
                 ):
-                    with _bwd_kernel("triton"):
+                    with _module_setting(_bwd, "BWD_KERNEL", "triton"):
                         _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
                     row["ours_bwd_tr"] = _tflops(2.5 * flops, bwd)
                 if ts is not None and D in ts_dims:
