@@ -24,6 +24,7 @@ tests/unit compiles every launch for sm_90 (`compile_sm90`) to check that none s
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -299,6 +300,12 @@ def tile_rows(head_dim: int, config: dict | None = None) -> int:
     tail split's tile counts are computed before the autotuner picks a launch)."""
     if config is not None:
         return config.get("NUM_CONSUMERS", 2) * config["BLOCK_M"]
+    return _list_tile_rows(head_dim)
+
+
+@functools.cache
+def _list_tile_rows(head_dim: int) -> int:
+    """`tile_rows` of the launch list, worked out once per head dim (every forward call asks)."""
     rows = {c["NUM_CONSUMERS"] * c["BLOCK_M"] for c in fwd_ws_configs(head_dim)}
     if len(rows) != 1:
         raise AssertionError(f"fwd_ws_configs({head_dim}) mixes tile heights {sorted(rows)}; the tail split needs one")

@@ -24,6 +24,8 @@ the binary search included) before its first copy, which a 4K tile (~90 µs) fee
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +85,6 @@ def tile_work(pid, CUM, B, PER_SEQ, N_M, NSM, S_MAX: tl.constexpr):
     rank = PER_SEQ * before + (pair % PER_SEQ) * t_b + m
     tail = (pid < n_main) & (m < t_b) & (rank >= first) & (s > 1)
     piece = tl.where(tail, (rank - first) * s, -1)
-    part = pid * 0
     # A later piece (1 … s − 1) of a split tile.
     e = pid - n_main
     s1 = tl.maximum(s - 1, 1)
@@ -92,7 +93,7 @@ def tile_work(pid, CUM, B, PER_SEQ, N_M, NSM, S_MAX: tl.constexpr):
     pair_e, m_e = tile_of_rank(CUM, B, PER_SEQ, tl.minimum(first + i, tl.maximum(N - 1, 0)))
     pair = tl.where(pid < n_main, pair, pair_e)  # (a program with nothing to do gets a real pair to read)
     m = tl.where(pid < n_main, m, m_e)
-    part = tl.where(extra, 1 + e % s1, part)
+    part = tl.where(extra, 1 + e % s1, 0)
     piece = tl.where(extra, i * s + part, tl.where(pid < n_main, piece, -2))
     return pair, m, part, tl.where(piece >= 0, s, 1), piece
 
@@ -137,15 +138,14 @@ def _finish_fwd(
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None])
 
 
-_NSM: dict[int, int] = {}
-
-
 def num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NSM:
-        _NSM[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NSM[idx]
+    """Multiprocessors of a CUDA device."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tile_cumsum(seq: torch.Tensor, varlen: bool, t_max: int, tile_rows: int) -> torch.Tensor:
