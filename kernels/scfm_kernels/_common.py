@@ -115,7 +115,7 @@ def set_descriptor_allocator() -> None:
 
 # The kernels' pointer arguments by name: 16-bit data, but for these.
 _DATA_POINTERS = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ", "DS")
-_POINTER_TYPES = {"SEQ": "*i32", "BIAS": "*fp32", "DQA": "*fp32", "CUM": "*i32", "PART": "*fp32"}
+_POINTER_TYPES = {"SEQ": "*i32", "BIAS": "*fp32", "DQA": "*fp32", "WORK": "*i32", "PART": "*fp32", "TRACE": "*i64"}
 _FLOAT_SCALARS = ("neg_scale_log2e", "scale")
 
 

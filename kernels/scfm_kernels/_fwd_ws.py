@@ -24,6 +24,7 @@ tests/unit compiles every launch for sm_90 (`compile_sm90`) to check that none s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -34,9 +35,11 @@ from . import _split
 from ._common import INTERPRET, for_head_dim, head_dim_autotuner
 from ._common import compile_sm90 as common_compile_sm90
 
-# SCFM_KERNELS_TAIL_SPLIT=1 (opt-in): the last wave's tiles in parts over the keys (`_split`). Measured on the H200
-# (docs/benchmarks.md, run 16): +1-3% at L = 8K-16K, 3-9% slower at 4K, level on the 160M trainer's batch.
-TAIL_SPLIT = os.environ.get("SCFM_KERNELS_TAIL_SPLIT", "0") == "1"
+# The planned launch (`_split`: longest sequences first, tiles past the ends last, the last round's tiles in parts
+# over the keys) is the default for batches of up to `_split.PLAN_MAX_B` sequences; SCFM_KERNELS_TAIL_SPLIT=0 runs
+# one program per tile in a 2-D grid instead. Measured on the H200 (docs/benchmarks.md, run 17): the kernel's own
+# span 0.3-4.5% shorter at every bench shape and on the 160M trainer's batch.
+TAIL_SPLIT = os.environ.get("SCFM_KERNELS_TAIL_SPLIT", "1") != "0"
 
 gluon = None
 if not INTERPRET:  # the CPU interpreter runs no Gluon: a process under it does not import it at all
@@ -74,8 +77,18 @@ def supported(q: torch.Tensor, use_tma: bool) -> bool:
 
 
 if gluon is not None:
-    from ._split import KEY_UNIT, S_MAX, part_blocks, tile_work
+    from ._split import KEY_UNIT, part_blocks, work_item
     from ._tile import query_head, sigmoid_from_log2
+
+    @gluon.jit
+    def _clock():
+        """The GPU's global timer, ns (a scalar)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _cycles():
+        """The multiprocessor's cycle counter (a scalar)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
     def seq_desc(base, n, stride_t, BLOCK_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
@@ -149,12 +162,14 @@ if gluon is not None:
     @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, TRACING: gl.constexpr,
     ):  # fmt: skip
-        """Consumer WG (0-based) of the program: query rows [row0 + WG·BLOCK_M, + BLOCK_M)."""
+        """Consumer WG (0-based) of the program: query rows [row0 + WG·BLOCK_M, + BLOCK_M). TRACING: consumer 0
+        writes trace[4] and [6] (its Q has landed: global timer, cycle counter) and trace[5] and [7] (its key loop
+        is done)."""
         (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b,
          h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-         kv_free) = args  # fmt: skip
+         kv_free, trace) = args  # fmt: skip
         tile_row0 = row0
         row0 = row0 + WG * BLOCK_M
         q_smem = q_smem.index(WG)
@@ -176,10 +191,16 @@ if gluon is not None:
             mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
             tma_load(q_desc, [row0, 0], q_ready, q_smem)
             mbarrier.wait(q_ready, 0)
+            if TRACING and WG == 0:
+                gl.store(trace + 4, _clock())
+                gl.store(trace + 6, _cycles())
             acc = _key_loop(
                 q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
                 p_layout, NUM_BUF, SIG,
             )  # fmt: skip
+            if TRACING and WG == 0:
+                gl.store(trace + 5, _clock())
+                gl.store(trace + 7, _cycles())
 
         offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -201,25 +222,34 @@ if gluon is not None:
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot, stride_oh,
-        T_MAX, H, CUM, PART, B, N_M, NSM,
+        T_MAX, H, WORK, PART, TRACE,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0, SPLIT: gl.constexpr = 0,
+        TRACING: gl.constexpr = 0,
     ):  # fmt: skip
-        """SPLIT=1: the 1-D grid of `_split.tile_work` (the last wave's tiles in parts over the keys, partials to
-        PART); SPLIT=0: a 2-D grid (query tile, pair), CUM, PART, B, N_M and NSM unused."""
+        """SPLIT=1: a planned launch, program i doing row i of the work table WORK (`_split`: longest sequences
+        first, the last round's tiles in parts over the keys with partials to PART); SPLIT=0: a 2-D grid (query
+        tile, pair), WORK and PART unused. TRACING=1: program i writes
+        int64 TRACE[8i … 8i + 7] (`trace`)."""
+        if TRACING:
+            t_start = _clock()
         if SPLIT:
-            pair, m, part, n_parts, piece = tile_work(gl.program_id(0), CUM, B, H, N_M, NSM, S_MAX)
-        else:
-            pair, m, part, n_parts, piece = gl.program_id(1), gl.program_id(0), 0, 1, -1
-        b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, pair, H, T_MAX, GROUP, VARLEN)
-        row0 = m * (NUM_CONSUMERS * BLOCK_M)
-        if SPLIT:
+            b, h, m, part, n_parts, piece, n, start = work_item(WORK, gl.program_id(0))
+            b = b.to(gl.int64)
+            hk = h // GROUP
+            bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
             kb0, kb1 = part_blocks(n, part, n_parts, BLOCK_N, KEY_UNIT)
         else:
+            b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, gl.program_id(1), H, T_MAX, GROUP, VARLEN)
+            m, piece = gl.program_id(0), -1
             kb0, kb1 = 0, gl.cdiv(n, BLOCK_N)
+        row0 = m * (NUM_CONSUMERS * BLOCK_M)
         # A program whose rows all lie past the sequence's end loads no keys; it only writes zeros (padded layout).
         n_blocks = gl.where((row0 < n) & (piece != -2), kb1 - kb0, 0)
+        trace = TRACE + (gl.program_id(0) + gl.program_id(1) * gl.num_programs(0)).to(gl.int64) * 8
+        if TRACING:
+            t_plan = _clock()
         part_base = PART + gl.maximum(piece, 0).to(gl.int64) * (NUM_CONSUMERS * BLOCK_M * HEAD_DIM)
 
         dtype: gl.constexpr = Q.dtype.element_ty
@@ -243,14 +273,14 @@ if gluon is not None:
               k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
         c = (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e,
              bias_log2, b, h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-             kv_free)  # fmt: skip
+             kv_free, trace)  # fmt: skip
         # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
         if NUM_CONSUMERS == 2:
             gl.warp_specialize(
                 [
                     (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
-                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, CONSUMER_REGS],
@@ -260,13 +290,20 @@ if gluon is not None:
             gl.warp_specialize(
                 [
                     (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
-                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
-                    (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                    (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
                 ],
                 [4, 4, 4],
                 [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
             )
+        if TRACING:
+            t_end = _clock()
+            gl.store(trace, t_start)
+            gl.store(trace + 1, t_plan)
+            gl.store(trace + 2, t_end)
+            sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+            gl.store(trace + 3, sm.to(gl.int64))
 
 
 def _launch(dims: tuple[int, ...], consumers: int, block_n: int, stages: int, regs: int) -> dict:
@@ -297,7 +334,7 @@ _tuned = head_dim_autotuner(_fwd_ws_kernel, fwd_ws_configs, _KEY) if available()
 
 def tile_rows(head_dim: int, config: dict | None = None) -> int:
     """Query rows per program: of `config`, or the one value every launch of the list for head_dim shares (the
-    tail split's tile counts are computed before the autotuner picks a launch)."""
+    planned launch counts tiles before the autotuner picks a launch)."""
     if config is not None:
         return config.get("NUM_CONSUMERS", 2) * config["BLOCK_M"]
     return _list_tile_rows(head_dim)
@@ -308,43 +345,76 @@ def _list_tile_rows(head_dim: int) -> int:
     """`tile_rows` of the launch list, worked out once per head dim (every forward call asks)."""
     rows = {c["NUM_CONSUMERS"] * c["BLOCK_M"] for c in fwd_ws_configs(head_dim)}
     if len(rows) != 1:
-        raise AssertionError(f"fwd_ws_configs({head_dim}) mixes tile heights {sorted(rows)}; the tail split needs one")
+        raise AssertionError(
+            f"fwd_ws_configs({head_dim}) mixes tile heights {sorted(rows)}; the planned launch needs one"
+        )
     return rows.pop()
+
+
+_trace_buffer: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def trace(buffer: torch.Tensor):
+    """Within the block every warp-specialized forward launch records, per program i (grid order, x fastest),
+    int64 buffer[8i … 8i + 7] = (start, end of its plan, end, multiprocessor, consumer 0's Q landed, consumer 0's
+    key loop done, the same two in the multiprocessor's cycles; the last four 0 where it loads no keys), times
+    in global-timer ns: the schedule the hardware ran (tests/gpu/trace_fwd_ws.py). buffer: int64 on the GPU,
+    zeroed, ≥ 8 per program."""
+    global _trace_buffer
+    if buffer.dtype != torch.int64 or not buffer.is_cuda:
+        raise ValueError(f"trace needs an int64 CUDA buffer, got {buffer.dtype} on {buffer.device}")
+    _trace_buffer = buffer
+    try:
+        yield buffer
+    finally:
+        _trace_buffer = None
 
 
 def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | None = None) -> None:
     """Launches the warp-specialized forward: args as `_fwd._fwd_kernel`'s, meta its keyword arguments (the ones
     named in the autotune key are used); config, a fixed launch from `fwd_ws_configs()` instead of the autotuner,
-    with SPLIT=0/1 to override SCFM_KERNELS_TAIL_SPLIT. With the tail split (opt-in) the last wave's tiles run in
-    parts over the keys and `_split.finish_fwd` adds their partials (`_split`)."""
+    with SPLIT=0/1 to override SCFM_KERNELS_TAIL_SPLIT. Planned (the default, batches of up to
+    `_split.PLAN_MAX_B` sequences): `_split.plan` writes the work table (longest sequences first, the last round's
+    tiles in parts over the keys), and `_split.finish_fwd` adds the parts' partials."""
     keep = {k: meta[k] for k in _KEY}
     cfg = dict(config) if config is not None else None
     split = int(cfg.pop("SPLIT", TAIL_SPLIT) if cfg is not None else TAIL_SPLIT)
     rows = tile_rows(meta["HEAD_DIM"], cfg)
     n_m = triton.cdiv(t_max, rows)
     q, o, seq, bias = args[0], args[3], args[4], args[5]
+    split = int(bool(split) and B <= _split.PLAN_MAX_B)
     if split:
         nsm = _split.num_sms(q.device)
-        cum = _split.tile_cumsum(seq, meta["VARLEN"], t_max, rows)
+        total = _split.grid_size(n_m, B, H, nsm)
+        work = _split.plan(seq, meta["VARLEN"], t_max, (B, H, n_m, nsm), rows)
         part = _split.scratch(nsm, rows, meta["HEAD_DIM"], q.device)
-        tail = (cum, part, B, n_m, nsm)
-        grid = (n_m * B * H + nsm,)
+        tail = (work, part)
+        grid = (total,)
     else:
-        tail = (seq, bias, B, n_m, 1)  # unused, of the pointer types the kernel declares
+        tail = (seq, bias)  # unused, of the pointer types the kernel declares
         grid = (n_m, B * H)
-    if cfg is None:
-        _tuned[lambda m: grid](*args, *tail, **keep, SPLIT=split)
+    tracing = _trace_buffer is not None
+    if tracing:
+        programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+        if _trace_buffer.numel() < 8 * programs:
+            raise ValueError(f"trace buffer holds {_trace_buffer.numel()} int64, the launch needs 8 × {programs}")
+        tail = (*tail, _trace_buffer)
     else:
-        _fwd_ws_kernel[grid](*args, *tail, **keep, **cfg, SPLIT=split, num_warps=4)
+        tail = (*tail, seq)  # unused
+    if cfg is None:
+        _tuned[lambda m: grid](*args, *tail, **keep, SPLIT=split, TRACING=int(tracing))
+    else:
+        _fwd_ws_kernel[grid](*args, *tail, **keep, **cfg, SPLIT=split, TRACING=int(tracing), num_warps=4)
     if split:
         finish = dict(TILE_ROWS=rows, HEAD_DIM=meta["HEAD_DIM"], VARLEN=meta["VARLEN"])
-        _split.finish_fwd((o, *args[16:19]), part, cum, seq, (t_max, B, H, nsm), finish)
+        _split.finish_fwd((o, *args[16:19]), part, work, (t_max, H, nsm, total), finish)
 
 
 def compile_sm90(
     head_dim: int, config: dict, varlen: bool = False, dtype: str = "bf16", split: bool = True
 ) -> dict[str, object]:
-    """The warp-specialized forward at one launch (tail split or not), compiled for Hopper without a GPU
+    """The warp-specialized forward at one launch (planned or not), compiled for Hopper without a GPU
     (`_common.compile_sm90`)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")

@@ -1,25 +1,31 @@
-"""Tail splitting: the last, partly empty wave of a launch's tiles split along the keys.
+"""The planned launch of the warp-specialized forward: longest sequences first, empty tiles last, and the last
+round's tiles split along the keys.
 
-A launch of N equal tiles on NSM multiprocessors (one program each at a time) runs ⌈N/NSM⌉ waves, the last with
-only r = N mod NSM busy: at D = 128 a 16K sequence's 1376 forward tiles run 10.4 waves in the time of 11, and a
-9,896-token one's 832 tiles 6.3 in the time of 7 (docs/benchmarks.md, run 16). Sigmoid attention needs no running
-max or row sums, so a tile's output is a plain sum over its keys: the last r tiles (in launch order) each run as s
-pieces over s parts of their keys, their float32 partial outputs go to a scratch buffer, and `_finish_fwd` adds the s
-parts in a fixed order (deterministic) into the output.
+A launch of N equal tiles on NSM multiprocessors (one program each at a time) runs ⌈N/NSM⌉ rounds, the last with
+only r = N mod NSM busy: at D = 128 a 16K sequence's 1376 forward tiles run 10.4 rounds in the time of 11, and a
+9,896-token one's 832 tiles 6.3 in the time of 7. The H200's own schedule, read from per-program timer stamps
+(docs/benchmarks.md, run 17), showed the whole-tile launch at 0.946–0.963 of its busy time spread evenly over the
+multiprocessors on dense batches and at 0.885–0.907 on 50%-padded ones. Sigmoid attention needs no running max or
+row sums, so a tile's output is a plain sum over its keys: the last r tiles each run as s pieces over s parts of
+their keys, their float32 partial outputs go to a scratch buffer, and `_finish_fwd` adds the s parts in a fixed
+order (deterministic) into the output.
 
-s is the most pieces that still run in one round, ⌊NSM/r⌋ capped at S_MAX: r = 40 → s = 3 (120 pieces of a third),
-r = 56 → 2, r > NSM/2 → 1 (no split); the scratch then holds at most NSM pieces.
+`_plan_kernel` writes the launch's work table on the device (no host sync): one row per program of a 1-D grid of
+N_M·B·H + (S_MAX − 1)·NSM programs, in this order:
+  - the whole tiles, sequences longest first (a stable order by length, so that the last round holds the shortest
+    tiles), then heads, then query tiles;
+  - the r·s pieces of the last r tiles (tile by tile, part by part); s ∈ 1 … S_MAX, the smallest that minimises
+    ⌈r·s/NSM⌉·(2⌈u/s⌉ + C_FIX), u the last tile's keys in KEY_UNITs (two 64-key blocks each) and C_FIX a
+    tile's fixed cost in 64-key blocks, so pieces may take more than one round (r = 88 of 132 tiles of 4K keys:
+    s = 3, two rounds of thirds);
+  - the tiles past each sequence's end (padded layout only), which only write zeros, where multiprocessors
+    idle at the end instead of between real tiles;
+  - programs with nothing to do.
+Row of program i (int32 × ROW): b, h, m (query tile), part, parts, piece (−1: the tile whole, or zeros past the
+end; ≥ 0: scratch slot of a partial; −2: nothing), n (the sequence's length), start (its first row when packed).
+After the last row: (first split rank, split tiles, s), for `_finish_fwd`.
 
-Layout of the launch (`tile_work`): a 1-D grid of N_M·PAIRS programs, one per (pair, tile) with the tile index
-fastest, as the 2-D grid it replaces, then NSM programs for the pieces after the first of each split tile
-(r·(s − 1) ≤ NSM − r of them; those not needed do nothing). CUM int32 [B] holds the running sum of each sequence's
-tile count (⌈nᵢ/TILE_ROWS⌉), a pair is b·PER_SEQ + head, and a tile's rank is its position among the valid tiles in
-launch order.
-
-Opt-in (SCFM_KERNELS_TAIL_SPLIT=1, `_fwd_ws`). Measured on the H200 (docs/benchmarks.md, run 16): +1–3% at L = 8K
-and 16K, dense and 50% padded; level on the 160M trainer's batch; 3–9% slower at L = 4K, also where nothing is
-split (r > NSM/2). A likely cause, not yet measured: every program now runs `tile_work` (dependent scalar loads,
-the binary search included) before its first copy, which a 4K tile (~90 µs) feels more than a 16K one.
+Batches of more than PLAN_MAX_B sequences run the plain 2-D grid (`_fwd_ws.launch`).
 """
 
 from __future__ import annotations
@@ -30,72 +36,102 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import seq_bounds
-
 S_MAX = tl.constexpr(4)  # most pieces per tile
 KEY_UNIT = tl.constexpr(128)  # keys per part are a multiple of this (of every launch's key block)
+C_FIX = tl.constexpr(6.0)  # a tile's fixed cost (its Q landing, its epilogue: ≈ 7 µs, run 17) in 64-key blocks
+ROW = 8  # int32 fields per program in the work table
+PLAN_MAX_B = 64  # sequences per batch up to which launches are planned
 
 
 @triton.jit
-def split_plan(CUM, B, PER_SEQ, NSM, S_MAX: tl.constexpr):
-    """(N valid tiles, rank of the first split tile N − r, pieces per split tile s; s = 1: no split)."""
-    N = PER_SEQ * tl.load(CUM + B - 1)
+def _gather(onehot, values):
+    """values[j] for each row's one-hot column j: onehot [P, BB] bool, values [BB] → [P]."""
+    return tl.sum(tl.where(onehot, values[None, :], 0), 1)
+
+
+@triton.jit
+def _plan_kernel(
+    SEQ, WORK, B, H, N_M, NSM, T_MAX, TOTAL,
+    VARLEN: tl.constexpr, TILE_ROWS: tl.constexpr, S_MAX: tl.constexpr, C_FIX: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Rows [pid·BLOCK_P, + BLOCK_P) of the work table (module docstring); every program derives the whole plan from
+    the B lengths (B ≤ BLOCK_B)."""
+    bi = tl.arange(0, BLOCK_B)
+    ok = bi < B
+    if VARLEN:
+        row0 = tl.load(SEQ + bi, mask=ok, other=0)
+        n = tl.load(SEQ + bi + 1, mask=ok, other=0) - row0
+    else:
+        row0 = bi * 0
+        n = tl.minimum(tl.load(SEQ + bi, mask=ok, other=0), T_MAX)
+    n = tl.where(ok, tl.maximum(n, 0), 0)
+    tiles = (n + TILE_ROWS - 1) // TILE_ROWS
+    # Slot of each sequence in the launch: the sequences before it are the longer ones and the equally long ones of
+    # lower index (entries past B, of length 0, keep their own index and count for no valid sequence).
+    earlier = (n[None, :] > n[:, None]) | ((n[None, :] == n[:, None]) & (bi[None, :] < bi[:, None]))
+    slot = tl.sum(earlier.to(tl.int32), 1)
+    by_slot = slot[None, :] == bi[:, None]  # [slot, b]
+    seq_of = _gather(by_slot, bi)
+    n_s = _gather(by_slot, n)
+    t_s = _gather(by_slot, tiles)
+    row0_s = _gather(by_slot, row0)
+    whole_s = t_s * H
+    cum = tl.cumsum(whole_s, 0)  # valid tiles up to and including each slot
+    N = tl.sum(whole_s, 0)
+    empty_s = bi * 0 if VARLEN else tl.where(bi < B, (N_M - t_s) * H, 0)
+    cum_e = tl.cumsum(empty_s, 0)
+    E = tl.sum(empty_s, 0)
+    # Pieces per split tile: the fewest that minimise the modelled time of the last r tiles.
     r = N % NSM
-    s = tl.minimum(NSM // tl.maximum(r, 1), S_MAX)
-    return N, N - r, tl.where(r > 0, s, 1)
+    last = tl.max(tl.where(t_s > 0, bi, -1), 0)  # the slot of the last tile launched
+    units = (tl.sum(tl.where(bi == last, n_s, 0), 0) + 127) // 128
+    best_s = 1
+    best = (2 * units + C_FIX) * 1.0
+    for s_try in tl.static_range(2, S_MAX + 1):
+        cost = ((r * s_try + NSM - 1) // NSM) * (2 * ((units + s_try - 1) // s_try) + C_FIX)
+        better = cost < best - 1e-3
+        best_s = tl.where(better, s_try, best_s)
+        best = tl.where(better, cost, best)
+    s = tl.where(r > 0, best_s, 1)
+    first = tl.where(s > 1, N - r, N)
+    pieces = tl.where(s > 1, r * s, 0)
+
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    is_whole = p < first
+    is_piece = (p >= first) & (p < first + pieces)
+    e = p - first - pieces
+    is_empty = (e >= 0) & (e < E)
+    rank = tl.where(is_whole, p, first + (p - first) // s)
+    at = tl.where(is_empty, tl.sum((cum_e[None, :] <= e[:, None]).to(tl.int32), 1),
+                  tl.sum((cum[None, :] <= rank[:, None]).to(tl.int32), 1))  # fmt: skip
+    at = tl.minimum(at, tl.maximum(B - 1, 0))
+    sel = bi[None, :] == at[:, None]
+    t_p = _gather(sel, t_s)
+    rem = tl.where(is_empty, e - _gather(sel, cum_e - empty_s), rank - _gather(sel, cum - whole_s))
+    per_head = tl.maximum(tl.where(is_empty, N_M - t_p, t_p), 1)
+    h = rem // per_head
+    m = rem % per_head + tl.where(is_empty, t_p, 0)
+    part = tl.where(is_piece, (p - first) % s, 0)
+    piece = tl.where(is_piece, p - first, tl.where(is_whole | is_empty, -1, -2))
+    busy = is_whole | is_piece | is_empty
+    fields = (_gather(sel, seq_of), tl.where(busy, h, 0), tl.where(busy, m, 0), part, tl.where(is_piece, s, 1), piece,
+              _gather(sel, n_s), _gather(sel, row0_s))  # fmt: skip
+    out = WORK + p.to(tl.int64) * 8
+    for j in tl.static_range(8):
+        tl.store(out + j, fields[j], mask=p < TOTAL)
+    if tl.program_id(0) == 0:
+        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 0, first)
+        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 1, pieces // s)
+        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 2, s)
 
 
 @triton.jit
-def seq_tiles(CUM, b):
-    """(tiles of sequence b, valid tiles of the sequences before it)."""
-    upto = tl.load(CUM + b)
-    before = tl.load(CUM + b - 1, mask=b > 0, other=0)
-    return upto - before, before
-
-
-@triton.jit
-def tile_of_rank(CUM, B, PER_SEQ, rank):
-    """(pair, tile index in its sequence) of the valid tile of this rank: binary search of CUM."""
-    lo = rank * 0
-    hi = lo + B - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        left = PER_SEQ * tl.load(CUM + mid) > rank
-        hi = tl.where(left, mid, hi)
-        lo = tl.where(left, lo, mid + 1)
-    t_b, before = seq_tiles(CUM, lo)
-    rem = rank - PER_SEQ * before
-    t_b = tl.maximum(t_b, 1)  # (no valid tile at all: rank 0 maps to a pair of the last sequence)
-    return lo * PER_SEQ + rem // t_b, rem % t_b
-
-
-@triton.jit
-def tile_work(pid, CUM, B, PER_SEQ, N_M, NSM, S_MAX: tl.constexpr):
-    """What program pid of a tail-split launch does: (pair, tile index m, part, parts, piece). piece −1: the
-    whole tile (parts 1), written to the output as usual (also a tile past its sequence's end, which writes zeros);
-    piece ≥ 0: part `part` of the s parts of the tile's keys, a float32 partial to scratch slot `piece`; piece −2:
-    nothing."""
-    N, first, s = split_plan(CUM, B, PER_SEQ, NSM, S_MAX)
-    n_main = N_M * B * PER_SEQ
-    # One of the programs in the (pair, tile) order of a 2-D grid.
-    pair = pid // N_M
-    m = pid % N_M
-    b = tl.minimum(pair // PER_SEQ, B - 1)
-    t_b, before = seq_tiles(CUM, b)
-    rank = PER_SEQ * before + (pair % PER_SEQ) * t_b + m
-    tail = (pid < n_main) & (m < t_b) & (rank >= first) & (s > 1)
-    piece = tl.where(tail, (rank - first) * s, -1)
-    # A later piece (1 … s − 1) of a split tile.
-    e = pid - n_main
-    s1 = tl.maximum(s - 1, 1)
-    extra = (e >= 0) & (s > 1) & (e < (N - first) * (s - 1))
-    i = tl.where(extra, e // s1, 0)
-    pair_e, m_e = tile_of_rank(CUM, B, PER_SEQ, tl.minimum(first + i, tl.maximum(N - 1, 0)))
-    pair = tl.where(pid < n_main, pair, pair_e)  # (a program with nothing to do gets a real pair to read)
-    m = tl.where(pid < n_main, m, m_e)
-    part = tl.where(extra, 1 + e % s1, 0)
-    piece = tl.where(extra, i * s + part, tl.where(pid < n_main, piece, -2))
-    return pair, m, part, tl.where(piece >= 0, s, 1), piece
+def work_item(WORK, pid):
+    """(b, h, m, part, parts, piece, n, start) of program pid of a planned launch (module docstring)."""
+    row = WORK + pid.to(tl.int64) * 8
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
+            tl.load(row + 6), tl.load(row + 7).to(tl.int64))  # fmt: skip
 
 
 @triton.jit
@@ -110,20 +146,21 @@ def part_blocks(n, part, s, BLOCK_N: tl.constexpr, KEY_UNIT: tl.constexpr):
 
 @triton.jit
 def _finish_fwd(
-    O, PART, CUM, SEQ,
+    O, PART, WORK, TOTAL,
     stride_ob, stride_ot, stride_oh,
-    T_MAX, B, H, NSM,
-    TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, S_MAX: tl.constexpr,
-    VARLEN: tl.constexpr,
+    T_MAX, H,
+    TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Output rows of the split tiles: program (i, j) adds the s partials of rows [j·ROWS, + ROWS) of split tile i
     in part order and writes them (zeros past the sequence's end, as the forward kernels)."""
     i = tl.program_id(0)
-    N, first, s = split_plan(CUM, B, H, NSM, S_MAX)
-    if (s > 1) & (i < N - first):
-        pair, m = tile_of_rank(CUM, B, H, first + i)
-        b = (pair // H).to(tl.int64)
-        start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
+    tail = WORK + TOTAL.to(tl.int64) * 8
+    first = tl.load(tail)
+    split = tl.load(tail + 1)
+    s = tl.load(tail + 2)
+    if i < split:
+        b, h, m, _, _, _, n, start = work_item(WORK, first + i * s)
+        b = b.to(tl.int64)
         local = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         offs_d = tl.arange(0, HEAD_DIM)
         part_ptrs = PART + (i * s).to(tl.int64) * (TILE_ROWS * HEAD_DIM) + local[:, None] * HEAD_DIM + offs_d[None, :]
@@ -132,7 +169,7 @@ def _finish_fwd(
             acc += tl.load(part_ptrs + p * (TILE_ROWS * HEAD_DIM))
         rows = m * TILE_ROWS + local
         acc = tl.where((rows < n)[:, None], acc, 0.0)
-        o_ptrs = O + b * stride_ob + start * stride_ot + (pair % H) * stride_oh
+        o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
         o_ptrs += rows[:, None] * stride_ot + offs_d[None, :]
         store_rows = rows < n if VARLEN else rows < T_MAX
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None])
@@ -148,23 +185,41 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tile_cumsum(seq: torch.Tensor, varlen: bool, t_max: int, tile_rows: int) -> torch.Tensor:
-    """CUM int32 [B]: running sum of ⌈nᵢ/tile_rows⌉ over the sequences (lengths from seq_lens clamped to t_max,
-    or from cu_seqlens), on seq's device without a host sync."""
-    n = (seq[1:] - seq[:-1]) if varlen else seq.clamp(max=t_max)
-    return torch.cumsum((n + tile_rows - 1) // tile_rows, 0, dtype=torch.int32)
+def grid_size(n_m: int, B: int, H: int, nsm: int) -> int:
+    """Programs of a planned launch: every (query tile, pair), and room for the pieces after the first of each
+    split tile (r·(s − 1) < (S_MAX − 1)·NSM)."""
+    return n_m * B * H + (int(S_MAX) - 1) * nsm
+
+
+def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int, int], tile_rows: int) -> torch.Tensor:
+    """The work table of a planned launch (module docstring), on seq's device without a host sync: int32
+    [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM)."""
+    B, H, n_m, nsm = dims
+    if not 1 <= B <= PLAN_MAX_B:
+        raise ValueError(f"a planned launch takes 1 to {PLAN_MAX_B} sequences, got B={B}")
+    total = grid_size(n_m, B, H, nsm)
+    work = torch.empty(total * ROW + ROW, dtype=torch.int32, device=seq.device)
+    block_b = max(16, triton.next_power_of_2(B))
+    block_p = max(32, 4096 // block_b)
+    _plan_kernel[(triton.cdiv(total, block_p),)](
+        seq, work, B, H, n_m, nsm, t_max, total,
+        VARLEN=varlen, TILE_ROWS=tile_rows, S_MAX=S_MAX, C_FIX=C_FIX, BLOCK_B=block_b, BLOCK_P=block_p,
+        num_warps=8 if block_b >= 64 else 4,
+    )  # fmt: skip
+    return work
 
 
 def scratch(nsm: int, tile_rows: int, head_dim: int, device: torch.device) -> torch.Tensor:
-    """Float32 partials of the split tiles: at most nsm pieces (r·s ≤ NSM) of [tile_rows, head_dim]."""
-    return torch.empty(nsm * tile_rows * head_dim, dtype=torch.float32, device=device)
+    """Float32 partials of the split tiles: r·s < S_MAX·NSM pieces (r < NSM tiles of at most S_MAX parts) of
+    [tile_rows, head_dim]."""
+    return torch.empty(int(S_MAX) * nsm * tile_rows * head_dim, dtype=torch.float32, device=device)
 
 
-def finish_fwd(o_args: tuple, part: torch.Tensor, cum: torch.Tensor, seq: torch.Tensor, dims: tuple, meta: dict):
-    """Launches `_finish_fwd` after a split forward: o_args (O, stride_ob, stride_ot, stride_oh), dims (T_MAX, B,
-    H, NSM), meta (TILE_ROWS, HEAD_DIM, VARLEN)."""
+def finish_fwd(o_args: tuple, part: torch.Tensor, work: torch.Tensor, dims: tuple, meta: dict) -> None:
+    """Launches `_finish_fwd` after a planned forward: o_args (O, stride_ob, stride_ot, stride_oh), dims (T_MAX, H,
+    NSM, grid size), meta (TILE_ROWS, HEAD_DIM, VARLEN)."""
     o, sb, st, sh = o_args
-    t_max, B, H, nsm = dims
+    t_max, H, nsm, total = dims
     rows = 64
     grid = (nsm, meta["TILE_ROWS"] // rows)
-    _finish_fwd[grid](o, part, cum, seq, sb, st, sh, t_max, B, H, nsm, ROWS=rows, S_MAX=S_MAX, **meta)
+    _finish_fwd[grid](o, part, work, total, sb, st, sh, t_max, H, ROWS=rows, **meta)

@@ -1,5 +1,5 @@
-"""Every launch of the warp-specialized lists timed at fixed shapes on the GPU: the forward (`_fwd_ws`; fwdN with
-the tail split, fwdNw without) and the stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`), each
+"""Every launch of the warp-specialized lists timed at fixed shapes on the GPU: the forward (`_fwd_ws`; fwdN planned,
+fwdNw one program per tile) and the stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`), each
 launch fixed (no autotuner), with cuDNN softmax (SDPA) on the dense shapes in the same process. Correctness of the
 same launches is tests/gpu/test_kernels_gpu.py's. Prints one line per shape; --json writes them.
 

@@ -1,6 +1,7 @@
-"""The forward's tail split (`scfm_kernels._split`) under the interpreter: which program of a split launch runs
-which part of which tile, and the kernel that adds the parts. The split forward itself runs on the GPU only
-(Gluon): tests/gpu/test_kernels_gpu.py checks it against float64 with a small multiprocessor count forcing splits."""
+"""The planned launch of the warp-specialized forward (`scfm_kernels._split`) under the interpreter: the work table
+(which program runs which part of which tile, in which order) and the kernel that adds the parts. The forward
+itself runs on the GPU only (Gluon): tests/gpu/test_kernels_gpu.py checks it against float64 with small
+multiprocessor counts that force splits."""
 
 from __future__ import annotations
 
@@ -10,92 +11,118 @@ import random
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 from scfm_kernels import _split
 
-
-@triton.jit
-def _plan_probe(CUM, LENS, OUT, B, PER_SEQ, N_M, NSM, BLOCK_N: tl.constexpr, S_MAX: tl.constexpr):
-    pid = tl.program_id(0)
-    pair, m, part, s, piece = _split.tile_work(pid, CUM, B, PER_SEQ, N_M, NSM, S_MAX)
-    n = tl.load(LENS + pair // PER_SEQ)
-    lo, hi = _split.part_blocks(n, part, s, BLOCK_N, _split.KEY_UNIT)
-    tl.store(OUT + pid * 7 + 0, pair)
-    tl.store(OUT + pid * 7 + 1, m)
-    tl.store(OUT + pid * 7 + 2, part)
-    tl.store(OUT + pid * 7 + 3, s)
-    tl.store(OUT + pid * 7 + 4, piece)
-    tl.store(OUT + pid * 7 + 5, lo)
-    tl.store(OUT + pid * 7 + 6, hi)
+S_MAX, C_FIX = int(_split.S_MAX), float(_split.C_FIX.value)
 
 
-def _expected_s(r: int, nsm: int) -> int:
-    """The most pieces per split tile that still run in one round."""
-    return max(s for s in range(1, int(_split.S_MAX) + 1) if (r == 0 and s == 1) or 0 < r * s <= nsm)
+def _part_blocks(n: int, part: int, s: int, block_n: int) -> tuple[int, int]:
+    """`_split.part_blocks` in Python."""
+    unit = int(_split.KEY_UNIT)
+    units, per = -(-n // unit), unit // block_n
+    lo = (part * units // s) * per
+    hi = min(((part + 1) * units // s) * per, -(-n // block_n))
+    return lo, max(hi, lo)
 
 
-def _plan(lens: list[int], per_seq: int, rows: int, nsm: int, block_n: int) -> tuple[torch.Tensor, int]:
+def _expected_s(r: int, nsm: int, last_keys: int) -> int:
+    """The fewest pieces that minimise the modelled time of the last r tiles."""
+    if r == 0:
+        return 1
+    units = -(-last_keys // int(_split.KEY_UNIT))
+    best_s, best = 1, 2 * units + C_FIX
+    for s in range(2, S_MAX + 1):
+        cost = -(-r * s // nsm) * (2 * -(-units // s) + C_FIX)
+        if cost < best - 1e-3:
+            best_s, best = s, cost
+    return best_s
+
+
+def _table(lens: list[int], H: int, rows: int, nsm: int, varlen: bool):
+    T = max(max(lens), 1)
+    n_m = triton.cdiv(T, rows)
+    if varlen:
+        seq = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    else:
+        seq = torch.tensor(lens, dtype=torch.int32)
+    work = _split.plan(seq, varlen, T, (len(lens), H, n_m, nsm), rows)
+    total = _split.grid_size(n_m, len(lens), H, nsm)
+    return work[: total * _split.ROW].view(total, _split.ROW).tolist(), work[total * _split.ROW :][:3].tolist(), n_m
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(seed):
+    """Random lengths (empty sequences included), heads, tile heights and multiprocessor counts (chosen so that
+    most seeds split), padded or packed: every valid tile runs whole once or as its s parts once each (their key
+    blocks cover the sequence exactly, at both key-block widths), every tile past a padded sequence's end is written
+    once and packed ones get none, sequences run longest first, s follows the cost rule, and the table's tail
+    names the split tiles for the finishing kernel."""
+    rng = random.Random(seed)
+    H, rows, varlen = rng.choice([1, 2, 3]), rng.choice([64, 192]), seed % 3 == 2
+    lens = [rng.choice([0, 1, 63, 64, 200, 383, 700, 1001, 1500]) for _ in range(rng.randint(1, 5))]
+    lens[0] = max(lens[0], 1)
     T = max(lens)
     n_m = triton.cdiv(T, rows)
-    seq = torch.tensor(lens, dtype=torch.int32)
-    cum = _split.tile_cumsum(seq, False, T, rows)
-    grid = n_m * len(lens) * per_seq + nsm
-    out = torch.full((grid, 7), -99, dtype=torch.int32)
-    _plan_probe[(grid,)](cum, seq, out, len(lens), per_seq, n_m, nsm, BLOCK_N=block_n, S_MAX=_split.S_MAX)
-    return out, n_m
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_every_tile_part_is_run_once_and_the_last_wave_is_split(seed):
-    """Random lengths (empty sequences included), heads per sequence, tile heights and key blocks; the
-    multiprocessor count is chosen so that most seeds split their last wave (s = 2, 3 or 4), one in four not."""
-    rng = random.Random(seed)
-    per_seq, rows, block_n = rng.choice([1, 2, 3]), rng.choice([64, 192]), rng.choice([64, 128])
-    lens = [rng.choice([0, 1, 63, 64, 200, 383, 700, 1001, 1500]) for _ in range(rng.randint(1, 4))]
-    lens[0] = max(lens[0], 1)
-    tiles = [triton.cdiv(n, rows) for n in lens]
-    ranked = [(b * per_seq + h, m) for b, t in enumerate(tiles) for h in range(per_seq) for m in range(t)]
+    order = sorted(range(len(lens)), key=lambda b: (-lens[b], b))
+    ranked = [(b, h, m) for b in order for h in range(H) for m in range(triton.cdiv(lens[b], rows))]
     N = len(ranked)
-    splitting = [k for k in range(2, N + 3) if _expected_s(N % k, k) > 1]
-    nsm = rng.choice(splitting) if splitting and seed % 4 else rng.choice([5, 7, 13, 40])
-    out, n_m = _plan(lens, per_seq, rows, nsm, block_n)
+    nsm = rng.choice([k for k in range(3, N + 3)] or [5]) if seed % 4 else rng.choice([5, 7, 13, 40])
+    table, (first, n_split, s_tail), n_m = _table(lens, H, rows, nsm, varlen)
     r = N % nsm
-    s = _expected_s(r, nsm)
-    tail = set(ranked[N - r :]) if s > 1 else set()
-    n_main = n_m * len(lens) * per_seq
-    seen: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-    for pid, (pair, m, part, s_got, piece, lo, hi) in enumerate(out.tolist()):
-        if pid < n_main:
-            assert (pair, m) == (pid // n_m, pid % n_m), f"program {pid} left the 2-D grid's order"
+    s = _expected_s(r, nsm, lens[ranked[-1][0]] if ranked else 0)
+    split = set(ranked[N - r :]) if s > 1 else set()
+    assert (first, n_split, s_tail) == ((N - r, r, s) if s > 1 else (N, 0, 1)), (N, r, nsm, s)
+
+    whole_order, parts, empties = [], {}, []
+    for pid, (b, h, m, part, n_parts, piece, n, start) in enumerate(table):
         if piece == -2:
-            assert pid >= n_main, f"program {pid} of the main grid does nothing"
+            continue
+        assert n == lens[b] and start == (sum(lens[:b]) if varlen else 0), f"program {pid}: n={n} start={start}"
+        if m >= triton.cdiv(lens[b], rows):
+            assert piece == -1 and not varlen, f"program {pid}: tile {(b, h, m)} past the end, piece {piece}"
+            empties.append((b, h, m))
             continue
         if piece == -1:
-            assert (pair, m) not in tail and part == 0, f"program {pid}: tile {(pair, m)} is split but ran whole"
-            n_blocks = triton.cdiv(lens[pair // per_seq], block_n)
-            assert (s_got, lo, hi) == (1, 0, n_blocks), f"program {pid}: whole tile {(pair, m)} runs {lo}…{hi}"
+            assert (b, h, m) not in split and (part, n_parts) == (0, 1), f"program {pid}: {(b, h, m)} ran whole"
+            whole_order.append((b, h, m))
             continue
-        assert s_got == s, f"program {pid}: {s_got} parts, expected {s} (N={N}, r={r}, nsm={nsm})"
-        assert (pair, m) in tail, f"program {pid}: tile {(pair, m)} is not in the last wave but ran in parts"
-        key = (pair, m, part)
-        assert key not in seen, f"part {key} ran twice (programs {seen[key]} and {pid})"
-        seen[key] = (piece, lo, hi)
-    assert set(seen) == {(p, m, k) for p, m in tail for k in range(s)}, "a part of a split tile never ran"
-    assert sorted(v[0] for v in seen.values()) == list(range(len(tail) * s)), "partial slots are not 0 … r·s − 1"
-    for pair, m in tail:
-        blocks = [seen[(pair, m, k)][1:] for k in range(s)]
-        n_blocks = triton.cdiv(lens[pair // per_seq], block_n)
-        assert blocks[0][0] == 0 and blocks[-1][1] == n_blocks, f"tile {(pair, m)}: parts {blocks} miss keys"
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks)), f"tile {(pair, m)}: parts {blocks} overlap"
+        assert (b, h, m) in split and n_parts == s, f"program {pid}: tile {(b, h, m)} in {n_parts} parts, want {s}"
+        assert (b, h, m, part) not in parts, f"part {(b, h, m, part)} ran twice"
+        parts[(b, h, m, part)] = piece
+    assert whole_order == [t for t in ranked if t not in split], "whole tiles not once each, longest first"
+    assert set(parts) == {(*t, k) for t in split for k in range(s)}, "a part of a split tile never ran"
+    assert sorted(parts.values()) == list(range(len(split) * s)), "partial slots are not 0 … r·s − 1"
+    for i, t in enumerate(ranked[N - r :] if s > 1 else []):
+        assert [parts[(*t, k)] for k in range(s)] == list(range(i * s, i * s + s)), f"tile {t}'s slots"
+        for block_n in (64, 128):
+            blocks = [_part_blocks(lens[t[0]], k, s, block_n) for k in range(s)]
+            assert blocks[0][0] == 0 and blocks[-1][1] == triton.cdiv(lens[t[0]], block_n), f"{t}: {blocks}"
+            assert all(a[1] == c[0] for a, c in itertools.pairwise(blocks)), f"tile {t}: parts {blocks} overlap"
+    want_empty = [(b, h, m) for b in order for h in range(H) for m in range(n_m) if m * rows >= lens[b]]
+    want_empty = [] if varlen else want_empty
+    assert sorted(empties) == sorted(want_empty), "tiles past the end not written exactly once"
+    busy = [row for row in table if row[5] != -2]
+    assert len(busy) == N + len(split) * (s - 1) + len(want_empty), "programs with work are not packed first"
+    assert all(row[5] != -2 for row in table[: len(busy)]), "a program with nothing to do sits among the work"
+
+
+def test_the_cost_rule_splits_a_short_last_round_and_leaves_a_full_one():
+    """At the H200's 132 multiprocessors: 832 tiles of 9,896 keys (r = 40) run in thirds; 1,408 tiles of 4,096
+    keys (r = 88) in thirds over two rounds; 1,320 (r = 0) and 1,040 tiles (r = 116, no gain) whole."""
+    assert [_expected_s(r, 132, k) for r, k in ((40, 9896), (88, 4096), (0, 4096), (116, 2185))] == [3, 3, 1, 1]
+    _, tail, _ = _table([9896], 16, 192, 132, False)
+    assert tail == [792, 40, 3]
+    _, tail, _ = _table([4096] * 4, 16, 192, 132, False)
+    assert tail == [1408 - 88, 88, 3]
 
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen):
-    """Partials of the split tiles added into the output; padding rows of a padded batch become 0, other rows
-    untouched."""
+    """Partials of the split tiles added into the output in part order; padding rows of a padded batch become 0,
+    the rows of tiles that ran whole are untouched."""
     rows, D, H, nsm = 128, 16, 2, 7
-    lens = [300, 130]  # 3 + 2 tiles per head: 10 tiles, r = 3 → s = 2 (one round of halves)
+    lens = [130, 300]  # 2 + 3 tiles per head, longest first: 10 tiles, r = 3 → s = 2 (one round of halves)
     B, T = len(lens), max(lens)
     if varlen:
         seq = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
@@ -105,15 +132,17 @@ def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen):
         seq = torch.tensor(lens, dtype=torch.int32)
         o = torch.full((B, T, H, D), float("nan"))
         strides = (o.stride(0), o.stride(1), o.stride(2))
-    cum = _split.tile_cumsum(seq, varlen, T, rows)
-    part = torch.randn(nsm * rows * D)
-    _split.finish_fwd((o, *strides), part, cum, seq, (T, B, H, nsm), dict(TILE_ROWS=rows, HEAD_DIM=D, VARLEN=varlen))
-    ranked = [(b * H + h, m) for b, n in enumerate(lens) for h in range(H) for m in range(triton.cdiv(n, rows))]
+    n_m = triton.cdiv(T, rows)
+    total = _split.grid_size(n_m, B, H, nsm)
+    work = _split.plan(seq, varlen, T, (B, H, n_m, nsm), rows)
+    ranked = [(b, h, m) for b in (1, 0) for h in range(H) for m in range(triton.cdiv(lens[b], rows))]
     r, s = len(ranked) % nsm, 2
-    assert r == 3 and _expected_s(r, nsm) == s
+    assert r == 3 and _expected_s(r, nsm, lens[0]) == s
+    part = torch.randn(S_MAX * nsm * rows * D)
+    meta = dict(TILE_ROWS=rows, HEAD_DIM=D, VARLEN=varlen)
+    _split.finish_fwd((o, *strides), part, work, (T, H, nsm, total), meta)
     pieces = part.view(-1, rows, D)
-    for i, (pair, m) in enumerate(ranked[-r:]):
-        b, h = divmod(pair, H)
+    for i, (b, h, m) in enumerate(ranked[-r:]):
         want = pieces[i * s] + pieces[i * s + 1]
         n = lens[b]
         start = sum(lens[:b]) if varlen else 0
@@ -123,8 +152,13 @@ def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen):
         torch.testing.assert_close(got, want[:top], rtol=0, atol=0)
         if not varlen:
             assert torch.all(o[b, m * rows + top : min(T, (m + 1) * rows), h] == 0), "padding rows not zeroed"
-    for pair, m in ranked[:-r]:  # tiles that ran whole: the finishing kernel leaves them alone
-        b, h = divmod(pair, H)
+    for b, h, m in ranked[:-r]:  # tiles that ran whole: the finishing kernel leaves them alone
         start = sum(lens[:b]) if varlen else 0
         bb = 0 if varlen else b
-        assert torch.isnan(o[bb, start + m * rows, h]).all(), f"tile {(pair, m)} was written by the finish"
+        assert torch.isnan(o[bb, start + m * rows, h]).all(), f"tile {(b, h, m)} was written by the finish"
+
+
+def test_a_plan_refuses_batches_it_cannot_hold():
+    seq = torch.full((_split.PLAN_MAX_B + 1,), 10, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"1 to {_split.PLAN_MAX_B} sequences, got B={_split.PLAN_MAX_B + 1}"):
+        _split.plan(seq, False, 10, (_split.PLAN_MAX_B + 1, 1, 1, 4), 64)

@@ -46,7 +46,7 @@ def test_every_launch_fits_shared_memory_and_registers(head_dim):
 
 @pytest.mark.parametrize("head_dim", _fwd_ws.HEAD_DIMS)
 def test_every_forward_launch_shares_one_tile_height(head_dim):
-    """The tail split counts tiles before the autotuner picks a launch: every launch of a head dim's list must
+    """The planned launch counts tiles before the autotuner picks a launch: every launch of a head dim's list must
     cover the same query rows."""
     assert _fwd_ws.tile_rows(head_dim) == 192
 
@@ -87,7 +87,7 @@ json.dump(out, sys.stdout)
 
 
 def test_every_launch_compiles_for_hopper_without_spills():
-    """Every launch of the warp-specialized forward (with the opt-in tail split; one launch also without) and
+    """Every launch of the warp-specialized forward (planned, the default; one launch also without) and
     dK/dV kernels, ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled
     registers), shared memory within the limit, warp-group products, register reallocation and mbarrier waits in
     the PTX."""
@@ -115,9 +115,13 @@ out = {}
 for name, kernel, c, extra in runs:
     r = _common.compile_sm90(kernel, {**base, **c.kwargs, **extra}, num_warps=c.num_warps, num_stages=c.num_stages)
     out[name] = dict(resources=r["resources"], ex2="ex2.approx.ftz.f32" in r["ptx"], wgmma="wgmma" in r["ptx"])
-finish = dict(TILE_ROWS=192, HEAD_DIM=128, ROWS=64, S_MAX=_split.S_MAX, VARLEN=False)
+finish = dict(TILE_ROWS=192, HEAD_DIM=128, ROWS=64, VARLEN=False)
 r = _common.compile_sm90(_split._finish_fwd, finish, num_warps=4)
 out["finish"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
+for block_b, block_p, warps in ((16, 256, 4), (32, 128, 4), (64, 64, 8)):  # the launches `_split.plan` makes
+    plan = dict(VARLEN=False, TILE_ROWS=192, S_MAX=_split.S_MAX, C_FIX=_split.C_FIX, BLOCK_B=block_b, BLOCK_P=block_p)
+    r = _common.compile_sm90(_split._plan_kernel, plan, num_warps=warps)
+    out[f"plan{block_b}"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
 json.dump(out, sys.stdout)
 """
 
@@ -126,8 +130,11 @@ def test_the_triton_kernels_compile_for_hopper():
     """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
     float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
     got = _json_without_interpreter(_COMPILE_TRITON)
-    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds", "finish"}
-    assert got.pop("finish")["stores"], "the tail split's finishing kernel stores nothing"
+    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds", "finish", "plan16", "plan32", "plan64"}
+    assert got.pop("finish")["stores"], "the planned launch's finishing kernel stores nothing"
+    for b in (16, 32, 64):
+        plan = got.pop(f"plan{b}")
+        assert plan["stores"] and "STACK:0 " in plan["resources"], f"plan kernel, {b} sequences: {plan['resources']}"
     for name, r in got.items():
         assert r["wgmma"], f"{name}: no warp-group products in the PTX ({r['resources']})"
         assert r["ex2"] or name == "dq_ds", f"{name}: the sigmoid's flush-to-zero ex2 is missing"
