@@ -38,7 +38,8 @@ from ._common import compile_sm90 as common_compile_sm90
 # The planned launch (`_split`: longest sequences first, tiles past the ends last, the last round's tiles in parts
 # over the keys) is the default for batches of up to `_split.PLAN_MAX_B` sequences; SCFM_KERNELS_TAIL_SPLIT=0 runs
 # one program per tile in a 2-D grid instead. Measured on the H200 (docs/benchmarks.md, run 17): the kernel's own
-# span 0.3-4.5% shorter at every bench shape and on the 160M trainer's batch.
+# span 0.25-4.5% shorter at every bench shape and on the 160M trainer's batch (most at 50% padding); the bench's
+# timings, within their ±3-5% spread, favour it on padded batches and not on dense ones.
 TAIL_SPLIT = os.environ.get("SCFM_KERNELS_TAIL_SPLIT", "1") != "0"
 
 gluon = None
@@ -230,8 +231,7 @@ if gluon is not None:
     ):  # fmt: skip
         """SPLIT=1: a planned launch, program i doing row i of the work table WORK (`_split`: longest sequences
         first, the last round's tiles in parts over the keys with partials to PART); SPLIT=0: a 2-D grid (query
-        tile, pair), WORK and PART unused. TRACING=1: program i writes
-        int64 TRACE[8i … 8i + 7] (`trace`)."""
+        tile, pair), WORK and PART unused. TRACING=1: program i writes int64 TRACE[8i … 8i + 7] (`trace`)."""
         if TRACING:
             t_start = _clock()
         if SPLIT:
