@@ -383,7 +383,7 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
     rows = tile_rows(meta["HEAD_DIM"], cfg)
     n_m = triton.cdiv(t_max, rows)
     q, o, seq, bias = args[0], args[3], args[4], args[5]
-    split = int(bool(split) and B <= _split.PLAN_MAX_B)
+    split = int(bool(split) and 1 <= B <= _split.PLAN_MAX_B)
     if split:
         nsm = _split.num_sms(q.device)
         total = _split.grid_size(n_m, B, H, nsm)

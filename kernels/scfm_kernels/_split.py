@@ -66,7 +66,8 @@ def _plan_kernel(
         row0 = bi * 0
         n = tl.minimum(tl.load(SEQ + bi, mask=ok, other=0), T_MAX)
     n = tl.where(ok, tl.maximum(n, 0), 0)
-    tiles = (n + TILE_ROWS - 1) // TILE_ROWS
+    # Packed: a max_seqlen below a sequence's length covers only its first N_M tiles, as the 2-D grid does.
+    tiles = tl.minimum((n + TILE_ROWS - 1) // TILE_ROWS, N_M)
     # Slot of each sequence in the launch: the sequences before it are the longer ones and the equally long ones of
     # lower index (entries past B, of length 0, keep their own index and count for no valid sequence).
     earlier = (n[None, :] > n[:, None]) | ((n[None, :] == n[:, None]) & (bi[None, :] < bi[:, None]))
@@ -170,7 +171,7 @@ def _finish_fwd(
         rows = m * TILE_ROWS + local
         acc = tl.where((rows < n)[:, None], acc, 0.0)
         o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
-        o_ptrs += rows[:, None] * stride_ot + offs_d[None, :]
+        o_ptrs += rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
         store_rows = rows < n if VARLEN else rows < T_MAX
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None])
 

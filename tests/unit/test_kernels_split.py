@@ -39,8 +39,8 @@ def _expected_s(r: int, nsm: int, last_keys: int) -> int:
     return best_s
 
 
-def _table(lens: list[int], H: int, rows: int, nsm: int, varlen: bool):
-    T = max(max(lens), 1)
+def _table(lens: list[int], H: int, rows: int, nsm: int, varlen: bool, t_max: int | None = None):
+    T = t_max if t_max is not None else max(max(lens), 1)
     n_m = triton.cdiv(T, rows)
     if varlen:
         seq = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
@@ -105,6 +105,39 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
     busy = [row for row in table if row[5] != -2]
     assert len(busy) == N + len(split) * (s - 1) + len(want_empty), "programs with work are not packed first"
     assert all(row[5] != -2 for row in table[: len(busy)]), "a program with nothing to do sits among the work"
+
+
+@pytest.mark.parametrize(
+    ("lens", "t_max", "varlen"),
+    [
+        ([900], 64, True),  # packed, max_seqlen below the length: only the first tiles, as the 2-D grid
+        ([900, 10], 100, False),  # padded, a length past T: clamped to T
+        ([50, 20], 400, False),  # padded, T past every length: more tiles past the ends
+        ([0, 0, 0], 64, False),  # nothing to do but zeros
+        ([0, 0], 64, True),
+    ],
+)
+def test_the_work_table_stays_inside_its_grid_at_the_edges(lens, t_max, varlen):
+    """Lengths and T that disagree: every row the table names lies inside the grid, each tile of the first
+    ⌈T/rows⌉ runs once (whole or in parts), padded tiles past the clamped ends are written once, and the tail's
+    split tiles are rows of the table."""
+    H, rows, nsm = 2, 64, 3
+    table, (first, n_split, s), n_m = _table(lens, H, rows, nsm, varlen, t_max)
+    n = [min(x, t_max) for x in lens] if not varlen else lens
+    tiles = [min(triton.cdiv(x, rows), n_m) for x in n]
+    N = H * sum(tiles)
+    assert first + n_split * s <= len(table) and first <= N, (first, n_split, s, len(table))
+    seen: dict[tuple[int, int, int], list[int]] = {}
+    for b, h, m, part, _, piece, got_n, _ in table:
+        if piece != -2:
+            assert got_n == n[b], f"sequence {b}: n={got_n}, want {n[b]}"
+            seen.setdefault((b, h, m), []).append(part)
+    want = {(b, h, m): list(range(s)) if s > 1 and i >= first else [0]
+            for i, (b, h, m) in enumerate((b, h, m) for b in sorted(range(len(lens)), key=lambda b: (-n[b], b))
+                                          for h in range(H) for m in range(tiles[b]))}  # fmt: skip
+    if not varlen:
+        want |= {(b, h, m): [0] for b in range(len(lens)) for h in range(H) for m in range(tiles[b], n_m)}
+    assert {k: sorted(v) for k, v in seen.items()} == want
 
 
 def test_the_cost_rule_splits_a_short_last_round_and_leaves_a_full_one():
