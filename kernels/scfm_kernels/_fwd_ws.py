@@ -79,7 +79,7 @@ def supported(q: torch.Tensor, use_tma: bool) -> bool:
 
 if gluon is not None:
     from ._split import KEY_UNIT, part_blocks, work_item
-    from ._tile import query_head, sigmoid_from_log2
+    from ._tile import bias_term, query_head, sigmoid_from_log2
 
     @gluon.jit
     def _clock():
@@ -238,7 +238,7 @@ if gluon is not None:
             b, h, m, part, n_parts, piece, n, start = work_item(WORK, gl.program_id(0))
             b = b.to(gl.int64)
             hk = h // GROUP
-            bias_log2 = -gl.load(BIAS + b) * 1.4426950408889634
+            bias_log2 = bias_term(BIAS, b)
             kb0, kb1 = part_blocks(n, part, n_parts, BLOCK_N, KEY_UNIT)
         else:
             b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, gl.program_id(1), H, T_MAX, GROUP, VARLEN)
@@ -379,11 +379,11 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
     tiles in parts over the keys), and `_split.finish_fwd` adds the parts' partials."""
     keep = {k: meta[k] for k in _KEY}
     cfg = dict(config) if config is not None else None
-    split = int(cfg.pop("SPLIT", TAIL_SPLIT) if cfg is not None else TAIL_SPLIT)
+    planned = cfg.pop("SPLIT", TAIL_SPLIT) if cfg is not None else TAIL_SPLIT
+    split = int(bool(planned) and 1 <= B <= _split.PLAN_MAX_B)
     rows = tile_rows(meta["HEAD_DIM"], cfg)
     n_m = triton.cdiv(t_max, rows)
     q, o, seq, bias = args[0], args[3], args[4], args[5]
-    split = int(bool(split) and 1 <= B <= _split.PLAN_MAX_B)
     if split:
         nsm = _split.num_sms(q.device)
         total = _split.grid_size(n_m, B, H, nsm)

@@ -39,7 +39,7 @@ import triton.language as tl
 S_MAX = tl.constexpr(4)  # most pieces per tile
 KEY_UNIT = tl.constexpr(128)  # keys per part are a multiple of this (of every launch's key block)
 C_FIX = tl.constexpr(6.0)  # a tile's fixed cost (its Q landing, its epilogue: ≈ 7 µs, run 17) in 64-key blocks
-ROW = 8  # int32 fields per program in the work table
+ROW = tl.constexpr(8)  # int32 fields per program in the work table
 PLAN_MAX_B = 64  # sequences per batch up to which launches are planned
 
 
@@ -118,19 +118,20 @@ def _plan_kernel(
     busy = is_whole | is_piece | is_empty
     fields = (_gather(sel, seq_of), tl.where(busy, h, 0), tl.where(busy, m, 0), part, tl.where(is_piece, s, 1), piece,
               _gather(sel, n_s), _gather(sel, row0_s))  # fmt: skip
-    out = WORK + p.to(tl.int64) * 8
-    for j in tl.static_range(8):
+    out = WORK + p.to(tl.int64) * ROW
+    for j in tl.static_range(ROW):
         tl.store(out + j, fields[j], mask=p < TOTAL)
     if tl.program_id(0) == 0:
-        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 0, first)
-        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 1, pieces // s)
-        tl.store(WORK + TOTAL.to(tl.int64) * 8 + 2, s)
+        tail = WORK + TOTAL.to(tl.int64) * ROW
+        tl.store(tail, first)
+        tl.store(tail + 1, pieces // s)
+        tl.store(tail + 2, s)
 
 
 @triton.jit
 def work_item(WORK, pid):
     """(b, h, m, part, parts, piece, n, start) of program pid of a planned launch (module docstring)."""
-    row = WORK + pid.to(tl.int64) * 8
+    row = WORK + pid.to(tl.int64) * ROW
     return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
             tl.load(row + 6), tl.load(row + 7).to(tl.int64))  # fmt: skip
 
@@ -155,7 +156,7 @@ def _finish_fwd(
     """Output rows of the split tiles: program (i, j) adds the s partials of rows [j·ROWS, + ROWS) of split tile i
     in part order and writes them (zeros past the sequence's end, as the forward kernels)."""
     i = tl.program_id(0)
-    tail = WORK + TOTAL.to(tl.int64) * 8
+    tail = WORK + TOTAL.to(tl.int64) * ROW
     first = tl.load(tail)
     split = tl.load(tail + 1)
     s = tl.load(tail + 2)
@@ -199,7 +200,7 @@ def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int,
     if not 1 <= B <= PLAN_MAX_B:
         raise ValueError(f"a planned launch takes 1 to {PLAN_MAX_B} sequences, got B={B}")
     total = grid_size(n_m, B, H, nsm)
-    work = torch.empty(total * ROW + ROW, dtype=torch.int32, device=seq.device)
+    work = torch.empty((total + 1) * int(ROW), dtype=torch.int32, device=seq.device)
     block_b = max(16, triton.next_power_of_2(B))
     block_p = max(32, 4096 // block_b)
     _plan_kernel[(triton.cdiv(total, block_p),)](

@@ -123,13 +123,19 @@ def seq_bounds(SEQ, b, T_MAX, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def bias_term(BIAS, b):
+    """−bias·log2 e of sequence b, the form the weights' sigmoid takes it in."""
+    return -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)
+
+
+@triton.jit
 def query_head(SEQ, BIAS, pid_bh, H, T_MAX, GROUP: tl.constexpr, VARLEN: tl.constexpr):
     """What a query-side program (axis-1 index pid_bh = b·H + h) works on: (b, h, key head h // GROUP, the
     sequence's first row and length as `seq_bounds` gives them, −bias·log2 e)."""
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-    return b, h, h // GROUP, start, n, -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)
+    return b, h, h // GROUP, start, n, bias_term(BIAS, b)
 
 
 @triton.jit
@@ -138,4 +144,4 @@ def key_head(SEQ, BIAS, pid_bh, HK, T_MAX, VARLEN: tl.constexpr):
     the sequence's first row and length as `seq_bounds` gives them, −bias·log2 e)."""
     b = (pid_bh // HK).to(tl.int64)
     start, n = seq_bounds(SEQ, b, T_MAX, VARLEN)
-    return b, pid_bh % HK, start, n, -tl.load(BIAS + b) * 1.4426950408889634  # (a jit function sees no float globals)
+    return b, pid_bh % HK, start, n, bias_term(BIAS, b)

@@ -48,7 +48,8 @@ def _table(lens: list[int], H: int, rows: int, nsm: int, varlen: bool, t_max: in
         seq = torch.tensor(lens, dtype=torch.int32)
     work = _split.plan(seq, varlen, T, (len(lens), H, n_m, nsm), rows)
     total = _split.grid_size(n_m, len(lens), H, nsm)
-    return work[: total * _split.ROW].view(total, _split.ROW).tolist(), work[total * _split.ROW :][:3].tolist(), n_m
+    row = int(_split.ROW)
+    return work[: total * row].view(total, row).tolist(), work[total * row :][:3].tolist(), n_m
 
 
 @pytest.mark.parametrize("seed", range(12))
