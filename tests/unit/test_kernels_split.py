@@ -196,3 +196,83 @@ def test_a_plan_refuses_batches_it_cannot_hold():
     seq = torch.full((_split.PLAN_MAX_B + 1,), 10, dtype=torch.int32)
     with pytest.raises(ValueError, match=rf"1 to {_split.PLAN_MAX_B} sequences, got B={_split.PLAN_MAX_B + 1}"):
         _split.plan(seq, False, 10, (_split.PLAN_MAX_B + 1, 1, 1, 4), 64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_key_side_plan_orders_every_key_block_once_and_splits_none(seed):
+    """parts=1 (the backward's dK/dV launch): as many rows as the 2-D grid has programs, the valid key blocks in
+    longest-first order (sequence, then head, then block), then the blocks past padded ends, then (packed) idle
+    rows; no piece, and a tail that names no split tile."""
+    rng = random.Random(100 + seed)
+    HK, rows, varlen = rng.choice([1, 2, 3]), rng.choice([16, 128]), seed % 2 == 1
+    lens = [rng.choice([0, 1, 15, 16, 130, 257, 400]) for _ in range(rng.randint(1, 5))]
+    lens[0] = max(lens[0], 1)
+    T = max(lens)
+    n_k = triton.cdiv(T, rows)
+    seq = torch.tensor([0, *itertools.accumulate(lens)] if varlen else lens, dtype=torch.int32)
+    work = _split.plan(seq, varlen, T, (len(lens), HK, n_k, 1), rows, parts=1)
+    total = _split.grid_size(n_k, len(lens), HK, 1, parts=1)
+    assert total == n_k * len(lens) * HK == _split.key_grid(T, rows, len(lens) * HK, 1)[0]
+    row = int(_split.ROW)
+    table = work[: total * row].view(total, row).tolist()
+    assert work[total * row :][:3].tolist() == [sum(HK * triton.cdiv(n, rows) for n in lens), 0, 1]
+    order = sorted(range(len(lens)), key=lambda b: (-lens[b], b))
+    want = [(b, h, m, -1) for b in order for h in range(HK) for m in range(triton.cdiv(lens[b], rows))]
+    if not varlen:
+        want += [(b, h, m, -1) for b in order for h in range(HK) for m in range(triton.cdiv(lens[b], rows), n_k)]
+    got = [(b, h, m, piece) for b, h, m, _, _, piece, _, _ in table[: len(want)]]
+    assert got == want, "key blocks not each once, longest first, the ones past the ends after the valid ones"
+    assert all(n == lens[b] for b, _, _, _, _, piece, n, _ in table if piece != -2)
+    assert all(r[3] == 0 and r[4] == 1 for r in table), "a key block was split"
+    assert all(r[5] == -2 for r in table[len(want) :]), "rows past the work are not idle"
+    with pytest.raises(ValueError, match="parts=5"):
+        _split.plan(seq, varlen, T, (len(lens), HK, n_k, 1), rows, parts=5)
+
+
+@pytest.mark.parametrize(
+    ("varlen", "dtype", "D", "path"),
+    [
+        (False, torch.float32, 16, "recompute"),  # pointer loads
+        (True, torch.bfloat16, 16, "recompute"),  # descriptor loads
+        (False, torch.bfloat16, 112, "stored"),  # dSᵀ to the scratch, at each pair's place in it
+        (True, torch.bfloat16, 112, "stored"),
+    ],
+)
+def test_the_planned_backward_gives_the_2d_grids_gradients_bit_for_bit(varlen, dtype, D, path, monkeypatch):
+    """The dK/dV launch in the planned order (GQA, an empty sequence, one of length 1, blocks past the ends) and
+    in the 2-D grid: the same gradients to the bit (each program's work is the same, only its place in the
+    launch moves), NaN-poisoned outputs all written, and the planned launch did run."""
+    import scfm_kernels as sk
+    from scfm_kernels import _bwd, _common
+
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    plans, paths = [], []
+    real_plan, real_pick = _split.plan, _bwd.pick_dq_path
+    monkeypatch.setattr(_split, "plan", lambda *a, **k: plans.append(k.get("parts")) or real_plan(*a, **k))
+    monkeypatch.setattr(_bwd, "pick_dq_path", lambda *a, **k: paths.append(real_pick(*a, **k)[0]) or real_pick(*a, **k))
+    lens, H, K = [37, 0, 1, 20], 4, 2
+    T = max(lens)
+    torch.manual_seed(0)
+    if varlen:
+        n = sum(lens)
+        q, k, v = (torch.randn(n, h, D, dtype=dtype) for h in (H, K, K))
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        run = lambda *t: sk.sigmoid_attention_varlen(*t, cu, T)  # noqa: E731
+    else:
+        q, k, v = (torch.randn(len(lens), T, h, D, dtype=dtype) for h in (H, K, K))
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        run = lambda *t: sk.sigmoid_attention(*t, seq_lens)  # noqa: E731
+    go = torch.randn_like(q)
+
+    def grads(planned: bool) -> tuple[torch.Tensor, ...]:
+        monkeypatch.setattr(_bwd, "BWD_PLAN", planned)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(run(*leaves), leaves, go)
+
+    planned = grads(True)
+    assert plans == [1] and paths == [path], (plans, paths)
+    whole = grads(False)
+    assert plans == [1], "the 2-D grid was planned"
+    for name, a, b in zip(("dq", "dk", "dv"), planned, whole):
+        assert not torch.isnan(a).any(), f"{name}: NaN left by the planned launch (an element never written)"
+        assert torch.equal(a, b), f"{name}: planned and 2-D grid differ by {(a - b).abs().max():.3g}"
