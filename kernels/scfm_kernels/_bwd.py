@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _bwd_ws, _split
+from . import _bwd_ws
 from ._common import (
     AUTOTUNE,
     INTERPRET,
@@ -39,15 +39,12 @@ from ._common import (
     set_descriptor_allocator,
     tma_ok,
 )
-from ._split import key_work
 from ._tile import LOG2E, key_head, mma, query_head, seq_bounds, sigmoid_parts
 
 # The stored-dS path's dK/dV kernel: the warp-specialized one (`_bwd_ws`) where it can run, which measured 7-12%
 # faster over the whole backward at D = 128 (docs/benchmarks.md, run 15); SCFM_KERNELS_BWD=triton keeps the
 # Triton kernel of this module.
 BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "ws")
-# The dK/dV launch in the planned order (`_dkdv_plan`); SCFM_KERNELS_BWD_PLAN=0 keeps the 2-D grid.
-BWD_PLAN = os.environ.get("SCFM_KERNELS_BWD_PLAN", "1") != "0"
 
 
 @triton.jit
@@ -139,22 +136,15 @@ def _dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_dqab, stride_dqat, stride_dqah,
     stride_dsh, stride_dsn,
-    T_MAX, HK, PAIR0, WORK,
+    T_MAX, HK, PAIR0,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0, PLANNED: tl.constexpr = 0,
+    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0,
 ):  # fmt: skip
-    """PLANNED=0: a 2-D grid (key block, pair), pairs [PAIR0, PAIR0 + grid[1]), WORK unused; PLANNED=1: program i
-    does row i of the work table WORK (`_split.plan` over every pair of the batch, parts=1: longest sequences
-    first, key blocks past the ends last), PAIR0 = 0."""
-    if PLANNED:
-        b, hk, pid_n, start, n, bias_log2 = key_work(WORK, BIAS, tl.program_id(0), T_MAX)
-        pair = b * HK + hk
-    else:
-        pid_n = tl.program_id(0)
-        pair = tl.program_id(1)
-        b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
+    pid_n = tl.program_id(0)
+    # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
+    b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, tl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -195,7 +185,7 @@ def _dkdv_kernel(
                 )  # fmt: skip
             if STORE_DS != 0:
                 # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's buffer (see `_dq_ds_kernel`).
-                ds_base = DS + (pair * GROUP + g).to(tl.int64) * stride_dsh
+                ds_base = DS + (tl.program_id(1) * GROUP + g).to(tl.int64) * stride_dsh
                 ds_ptrs = ds_base + offs_n.to(tl.int64)[:, None] * stride_dsn + offs_m[None, :]
                 if STORE_DS == 2:
                     ds_desc = tl.make_tensor_descriptor(
@@ -629,18 +619,13 @@ def attention_backward(
     ws = _ws_dkdv(path, q, use_tma, kcfg, ws_default)
     if kcfg is not None:
         kcfg.pop("KERNEL", None)
-    work = _dkdv_plan(
-        seq, varlen, t_max, (B, HK), chunk, _bwd_ws.KEY_ROWS if ws else (kcfg or fixed or {}).get("BLOCK_N")
-    )
-    kmeta["PLANNED"] = int(work is not None)
     for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
         c = min(chunk, pairs - pair0)
-        args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0,
-                seq if work is None else work)  # fmt: skip
+        args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0)
         if ws:
             _bwd_ws.launch(args, kmeta, t_max, c, kcfg or None)
         else:
-            grid = lambda m, c=c: _split.key_grid(t_max, m["BLOCK_N"], c, kmeta["PLANNED"])  # noqa: E731
+            grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
             _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
         if path == "stored":
             args = (ds, k, dq, seq, scale, ds.stride(0), ds.stride(1), *_bth(k, varlen), *_bth(dq, varlen))
@@ -656,19 +641,6 @@ def attention_backward(
     if varlen:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv
-
-
-def _dkdv_plan(
-    seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int], chunk: int, key_rows: int | None
-) -> torch.Tensor | None:
-    """The dK/dV launch's work table (`_split.plan` over the (batch, key head) pairs, parts=1: longest sequences
-    first, key blocks past the ends last, nothing split), or None for the 2-D grid: SCFM_KERNELS_BWD_PLAN=0, a
-    batch past `_split.PLAN_MAX_B` sequences, pairs in more than one launch (a scratch budget too small for all
-    their dSᵀ), or a key block not known before the launch (the autotuned Triton kernel). dims: (B, key heads)."""
-    B, HK = dims
-    if not BWD_PLAN or key_rows is None or not 1 <= B <= _split.PLAN_MAX_B or chunk < B * HK:
-        return None
-    return _split.plan(seq, varlen, t_max, (B, HK, triton.cdiv(t_max, key_rows), 1), key_rows, parts=1)
 
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:

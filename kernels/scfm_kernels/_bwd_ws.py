@@ -19,6 +19,8 @@ partitioning is for: each consumer's accumulators are 64 key rows, its register 
 
 from __future__ import annotations
 
+import triton
+
 from . import _fwd_ws
 from ._common import compile_sm90 as common_compile_sm90
 from ._common import for_head_dim, head_dim_autotuner
@@ -26,7 +28,6 @@ from ._common import for_head_dim, head_dim_autotuner
 # Served where the warp-specialized forward is (Hopper, 16-bit, the same head dims, descriptor-friendly layouts):
 # `supported(q, use_tma)`.
 from ._fwd_ws import HEAD_DIMS, available, supported  # noqa: F401 (part of this module's interface)
-from ._split import key_grid
 
 gluon = _fwd_ws.gluon
 
@@ -35,7 +36,6 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
     from ._fwd_ws import gl, mbarrier, seq_desc, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
-    from ._split import key_work
     from ._tile import key_head, sigmoid_parts
 
     @gluon.jit
@@ -157,23 +157,17 @@ if gluon is not None:
         stride_dvb, stride_dvt, stride_dvh,
         stride_dqab, stride_dqat, stride_dqah,
         stride_dsh, stride_dsn,
-        T_MAX, HK, PAIR0, WORK,
+        T_MAX, HK, PAIR0,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
-        LEN_BUCKET: gl.constexpr = 0, PLANNED: gl.constexpr = 0,
+        LEN_BUCKET: gl.constexpr = 0,
     ):  # fmt: skip
-        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only), PLANNED as there."""
-        if PLANNED:
-            b, hk, tile, start, n, bias_log2 = key_work(WORK, BIAS, gl.program_id(0), T_MAX)
-            pair = b * HK + hk
-        else:
-            pair = gl.program_id(1)
-            b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
-            tile = gl.program_id(0)
-        key0 = tile * (NUM_CONSUMERS * 64)
+        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only)."""
+        b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, gl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
+        key0 = gl.program_id(0) * (NUM_CONSUMERS * 64)
         # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
         n_blocks = gl.where(key0 < n, gl.cdiv(n, BLOCK_M), 0)
-        ds_head0 = pair * GROUP  # this pair's first query head in the launch's scratch
+        ds_head0 = gl.program_id(1) * GROUP  # this pair's first query head in the launch's scratch
 
         dtype: gl.constexpr = Q.dtype.element_ty
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
@@ -212,9 +206,6 @@ if gluon is not None:
         )
 
 
-KEY_ROWS = 128  # key rows per program: NUM_CONSUMERS (2) × 64 in every launch
-
-
 def _launch(dims: tuple[int, ...], block_m: int, stages: int) -> dict:
     return dict(DIMS=dims, BLOCK_M=block_m, NUM_BUF=stages, NUM_CONSUMERS=2, CONSUMER_REGS=240)
 
@@ -233,21 +224,18 @@ _tuned = head_dim_autotuner(_dkdv_ws_kernel, dkdv_ws_configs, _KEY) if available
 
 
 def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None = None) -> None:
-    """One launch over `pairs` (batch, key head) pairs: args as `_bwd._dkdv_kernel`'s, meta its keywords
-    (PLANNED=1: one program per row of the work table in args, as many as the 2-D grid has)."""
+    """One launch over `pairs` (batch, key head) pairs: args as `_bwd._dkdv_kernel`'s, meta its keywords."""
     keep = {k: meta[k] for k in _KEY}
-    grid = key_grid(t_max, KEY_ROWS, pairs, meta["PLANNED"])
     if config is None:
-        _tuned[lambda m: grid](*args, **keep, PLANNED=meta["PLANNED"])
+        _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * 64), pairs)](*args, **keep)
     else:
-        _dkdv_ws_kernel[grid](*args, **keep, **config, PLANNED=meta["PLANNED"], num_warps=4)
+        grid = (triton.cdiv(t_max, config["NUM_CONSUMERS"] * 64), pairs)
+        _dkdv_ws_kernel[grid](*args, **keep, **config, num_warps=4)
 
 
-def compile_sm90(
-    head_dim: int, config: dict, varlen: bool = False, group: int = 1, planned: bool = True
-) -> dict[str, object]:
-    """This kernel at one launch (planned or not), compiled for Hopper without a GPU (`_common.compile_sm90`)."""
+def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1) -> dict[str, object]:
+    """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, PLANNED=int(planned), **config)
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, **config)
     return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)

@@ -36,8 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tile import bias_term
-
 S_MAX = tl.constexpr(4)  # most pieces per tile
 KEY_UNIT = tl.constexpr(128)  # keys per part are a multiple of this (of every launch's key block)
 C_FIX = tl.constexpr(6.0)  # a tile's fixed cost (its Q landing, its epilogue: ≈ 7 µs, run 17) in 64-key blocks
@@ -139,17 +137,6 @@ def work_item(WORK, pid):
 
 
 @triton.jit
-def key_work(WORK, BIAS, pid, T_MAX):
-    """What program pid of a planned key-side launch (the backward's dK/dV, `plan` with parts=1 over (batch, key
-    head) pairs) works on: (b, key head, key tile, the sequence's first row and length, −bias·log2 e). A program
-    with nothing to do gets length 0 and a key tile past T_MAX: it loads and stores nothing."""
-    b, hk, m, _, _, piece, n, start = work_item(WORK, pid)
-    idle = piece == -2
-    b = b.to(tl.int64)
-    return b, hk, tl.where(idle, T_MAX, m), start, tl.where(idle, 0, n), bias_term(BIAS, b)
-
-
-@triton.jit
 def part_blocks(n, part, s, BLOCK_N: tl.constexpr, KEY_UNIT: tl.constexpr):
     """Key blocks [lo, hi) of part `part` of s of a sequence of n keys (parts in whole KEY_UNITs)."""
     units = tl.cdiv(n, KEY_UNIT)
@@ -200,42 +187,25 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def grid_size(n_m: int, B: int, H: int, nsm: int, parts: int = int(S_MAX)) -> int:
-    """Programs of a planned launch: every (tile, pair), and room for the pieces after the first of each split tile
-    (r·(s − 1) < (parts − 1)·NSM)."""
-    return n_m * B * H + (parts - 1) * nsm
+def grid_size(n_m: int, B: int, H: int, nsm: int) -> int:
+    """Programs of a planned launch: every (query tile, pair), and room for the pieces after the first of each
+    split tile (r·(s − 1) < (S_MAX − 1)·NSM)."""
+    return n_m * B * H + (int(S_MAX) - 1) * nsm
 
 
-def key_grid(t_max: int, rows: int, pairs: int, planned: int) -> tuple[int, ...]:
-    """The grid of a key-side launch (the backward's dK/dV): (key blocks, pairs), or as many programs in one
-    dimension, one per row of the work table, when planned."""
-    blocks = triton.cdiv(t_max, rows)
-    return (blocks * pairs,) if planned else (blocks, pairs)
-
-
-def plan(
-    seq: torch.Tensor,
-    varlen: bool,
-    t_max: int,
-    dims: tuple[int, int, int, int],
-    tile_rows: int,
-    parts: int = int(S_MAX),
-) -> torch.Tensor:
+def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int, int], tile_rows: int) -> torch.Tensor:
     """The work table of a planned launch (module docstring), on seq's device without a host sync: int32
-    [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM);
-    parts: most pieces per tile (1: no tile is split, only the order is planned; the backward's key tiles)."""
+    [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM)."""
     B, H, n_m, nsm = dims
     if not 1 <= B <= PLAN_MAX_B:
         raise ValueError(f"a planned launch takes 1 to {PLAN_MAX_B} sequences, got B={B}")
-    if not 1 <= parts <= int(S_MAX):
-        raise ValueError(f"parts={parts}: a planned tile runs in 1 to {int(S_MAX)} pieces")
-    total = grid_size(n_m, B, H, nsm, parts)
+    total = grid_size(n_m, B, H, nsm)
     work = torch.empty((total + 1) * int(ROW), dtype=torch.int32, device=seq.device)
     block_b = max(16, triton.next_power_of_2(B))
     block_p = max(32, 4096 // block_b)
     _plan_kernel[(triton.cdiv(total, block_p),)](
         seq, work, B, H, n_m, nsm, t_max, total,
-        VARLEN=varlen, TILE_ROWS=tile_rows, S_MAX=parts, C_FIX=C_FIX, BLOCK_B=block_b, BLOCK_P=block_p,
+        VARLEN=varlen, TILE_ROWS=tile_rows, S_MAX=S_MAX, C_FIX=C_FIX, BLOCK_B=block_b, BLOCK_P=block_p,
         num_warps=8 if block_b >= 64 else 4,
     )  # fmt: skip
     return work

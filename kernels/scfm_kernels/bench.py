@@ -9,8 +9,7 @@ fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS
 `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False); `ours_bwd_tr`: the stored path with the
 Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128); `ours_fwd_whole`: the
 forward without the planned launch (SCFM_KERNELS_TAIL_SPLIT=0: one program per tile in a 2-D grid, no tail split,
-no longest-first order; `_split`); `ours_bwd_whole`: the backward with its dK/dV launch in the 2-D grid
-(SCFM_KERNELS_BWD_PLAN=0: key blocks in batch order, the ones past the ends between the others). TFLOPS use the
+no longest-first order; `_split`). TFLOPS use the
 FlashAttention convention: 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are
 `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
@@ -143,10 +142,6 @@ def run_table(
                     with _module_setting(_fwd_ws, "TAIL_SPLIT", False):
                         fwd = _median_ms(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s))
                     row["ours_fwd_whole"] = _tflops(flops, fwd)
-                if _bwd.BWD_PLAN:  # the same backward, its dK/dV launch in the 2-D grid
-                    with _module_setting(_bwd, "BWD_PLAN", False):
-                        _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
-                    row["ours_bwd_whole"] = _tflops(2.5 * flops, bwd)
                 _, bwd = _time_fwd_bwd(
                     lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False), (q, k, v)
                 )
@@ -199,7 +194,6 @@ _COLS = [
     "ours_fwd",
     "ours_fwd_whole",
     "ours_bwd",
-    "ours_bwd_whole",
     "ours_bwd_rc",
     "ours_bwd_tr",
     "ours_bwd_1p",
