@@ -2,6 +2,8 @@
 
     python -m scfm_kernels.bench --dims 128 --lengths 8192,16384 --pads 0 --ts-dims "" --no-sigmoid-study
         # a subset: D = 128 dense at 8K and 16K, with SDPA but without TritonSigmoid
+    python -m scfm_kernels.bench --dims 128 --lengths 8192,16384 --pads 0 --ts-dims "" --rounds 5
+        # the same, every kernel timed in 5 rounds taken in turn, medians (the card's clock drifts under load)
 
 Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 2048 / D, dense and 25% / 50%
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -84,14 +87,6 @@ def _inputs(B: int, L: int, H: int, D: int, pad: float, gen: torch.Generator):
     return q, k, v, lens
 
 
-def _time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    out = fn()
-    go = torch.randn_like(out)
-    fwd = _median_ms(fn)
-    bwd = _median_ms(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True))
-    return fwd, bwd
-
-
 def _triton_sigmoid(full_autotune: bool):
     """The TritonSigmoid package, or None. Unless full_autotune, its autotuners keep only the 64- and
     128-wide tiles of its own Hopper config lists (its 32-wide tiles and 4-stage configs are dropped) so
@@ -115,6 +110,65 @@ def _triton_sigmoid(full_autotune: bool):
     return triton_sigmoid
 
 
+@dataclasses.dataclass
+class _Variant:
+    """One kernel to time at a shape: fn() runs its forward on `inputs`; fwd / bwd name the row's columns for its
+    forward and backward TFLOPS (None: not timed); setting() is the context it runs in (a module setting); a
+    variant with a `backend` name may be missing from the build: its error goes to the row as "<backend>_error"."""
+
+    fn: Callable[[], torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
+    fwd: str | None
+    bwd: str | None
+    setting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    backend: str | None = None
+
+
+def _time_variant(v: _Variant) -> dict[str, float]:
+    """Median ms of the variant's forward and/or backward (a retained graph's `torch.autograd.grad`)."""
+    with v.setting():
+        out = v.fn()
+        times = {}
+        if v.fwd:
+            times[v.fwd] = _median_ms(v.fn)
+        if v.bwd:
+            go = torch.randn_like(out)
+            times[v.bwd] = _median_ms(lambda: torch.autograd.grad(out, v.inputs, go, retain_graph=True))
+    return times
+
+
+def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, alt_dkdv: bool) -> list[_Variant]:
+    """What the bench times at one shape (module docstring), in the order it times them."""
+    qkv = (q, k, v)
+    ours = lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s)  # noqa: E731
+    out = [_Variant(ours, qkv, "ours_fwd", "ours_bwd")]
+    if _fwd_ws.supported(q, True) and _fwd_ws.TAIL_SPLIT:  # the same forward, not planned
+        out.append(_Variant(ours, qkv, "ours_fwd_whole", None, lambda: _module_setting(_fwd_ws, "TAIL_SPLIT", False)))
+    one_pass = lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False)  # noqa: E731
+    out.append(_Variant(one_pass, qkv, None, "ours_bwd_1p"))
+    # No scratch for dS: the dQ kernel recomputes it (the "recompute" path).
+    out.append(_Variant(ours, qkv, None, "ours_bwd_rc", lambda: _scratch_mib("0")))
+    # Where the stored path is the default with either dK/dV kernel (D = 128): the Triton one.
+    if alt_dkdv and _bwd_ws.supported(q, True) and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored":
+        out.append(_Variant(ours, qkv, None, "ours_bwd_tr", lambda: _module_setting(_bwd, "BWD_KERNEL", "triton")))
+    if ts is not None and D in ts_dims:
+        if seq is None:
+            ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
+        else:
+            ts_fn = lambda q=q, k=k, v=v, s=lens: ts.sigmoid_attention_padded(q, k, v, seq_lens_k=s, seq_lens_q=s)  # noqa: E731
+        out.append(_Variant(ts_fn, qkv, "ts_fwd", "ts_bwd"))
+    if compare and seq is None:
+        qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in qkv)
+        sdpa = lambda qt=qt, kt=kt, vt=vt: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+        for name, backend in (
+            ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+            ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
+        ):
+            setting = lambda b=backend: torch.nn.attention.sdpa_kernel(b)  # noqa: E731
+            out.append(_Variant(sdpa, (qt, kt, vt), f"{name}_fwd", f"{name}_bwd", setting, backend=name))
+    return out
+
+
 def run_table(
     quick: bool,
     compare: bool,
@@ -124,7 +178,11 @@ def run_table(
     lengths: tuple[int, ...] = (4096, 8192, 16384),
     pads: tuple[float, ...] = (0.0, 0.25, 0.5),
     alt_dkdv: bool = True,
+    rounds: int = 1,
 ) -> list[Row]:
+    """One row per shape. With rounds > 1 every variant is timed once per round, the variants in turn within a
+    round (so the card's clock drifts over all of them alike); each column is the median of its rounds, and the
+    rounds' times are kept under "rounds_ms"."""
     ts = _triton_sigmoid(ts_full) if compare and ts_dims else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[Row] = []
@@ -136,54 +194,24 @@ def run_table(
                 flops = sum(4.0 * H * D * n * n for n in lens.tolist())
                 seq = None if pad == 0 else lens
                 row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad, "lens": lens.tolist()}
-                fwd, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
-                row["ours_fwd"], row["ours_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
-                if _fwd_ws.supported(q, True) and _fwd_ws.TAIL_SPLIT:  # the same forward, not planned
-                    with _module_setting(_fwd_ws, "TAIL_SPLIT", False):
-                        fwd = _median_ms(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s))
-                    row["ours_fwd_whole"] = _tflops(flops, fwd)
-                _, bwd = _time_fwd_bwd(
-                    lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False), (q, k, v)
-                )
-                row["ours_bwd_1p"] = _tflops(2.5 * flops, bwd)
-                with _scratch_mib("0"):  # no scratch for dS: the dQ kernel recomputes it (the "recompute" path)
-                    _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
-                row["ours_bwd_rc"] = _tflops(2.5 * flops, bwd)
-                # Where the stored path is the default with either dK/dV kernel (D = 128): the Triton one.
-                if (
-                    alt_dkdv
-                    and _bwd_ws.supported(q, True)
-                    and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored"
-                ):
-                    with _module_setting(_bwd, "BWD_KERNEL", "triton"):
-                        _, bwd = _time_fwd_bwd(lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s), (q, k, v))
-                    row["ours_bwd_tr"] = _tflops(2.5 * flops, bwd)
-                if ts is not None and D in ts_dims:
-                    if pad == 0:
-                        ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
-                    else:
-                        ts_fn = lambda q=q, k=k, v=v, s=lens: ts.sigmoid_attention_padded(  # noqa: E731
-                            q, k, v, seq_lens_k=s, seq_lens_q=s
-                        )
-                    fwd, bwd = _time_fwd_bwd(ts_fn, (q, k, v))
-                    row["ts_fwd"], row["ts_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
-                if compare and pad == 0:
-                    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-                    for name, backend in (
-                        ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
-                        ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
-                    ):
+                variants = _variants(q, k, v, lens, seq, L, D, ts, ts_dims, compare, alt_dkdv)
+                times: dict[str, list[float]] = {}
+                for _ in range(rounds):
+                    for variant in list(variants):
                         try:
-                            with torch.nn.attention.sdpa_kernel(backend):
-                                fwd, bwd = _time_fwd_bwd(
-                                    lambda qt=qt, kt=kt, vt=vt: torch.nn.functional.scaled_dot_product_attention(
-                                        qt, kt, vt
-                                    ),
-                                    (qt, kt, vt),
-                                )
-                            row[f"{name}_fwd"], row[f"{name}_bwd"] = _tflops(flops, fwd), _tflops(2.5 * flops, bwd)
-                        except Exception as exc:  # a backend missing on this build
-                            row[f"{name}_error"] = str(exc)[:120]
+                            for col, ms in _time_variant(variant).items():
+                                times.setdefault(col, []).append(ms)
+                        except Exception as exc:  # an SDPA backend missing on this build
+                            if variant.backend is None:
+                                raise
+                            row[f"{variant.backend}_error"] = str(exc)[:120]
+                            variants.remove(variant)
+                forward = {variant.fwd for variant in variants}
+                for col, ms in times.items():
+                    median = sorted(ms)[len(ms) // 2]
+                    row[col] = _tflops(flops if col in forward else 2.5 * flops, median)
+                if rounds > 1:
+                    row["rounds_ms"] = times
                 rows.append(row)
                 print(_format_row(row), flush=True)
                 del q, k, v
@@ -285,6 +313,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,8192,16384", help="padded lengths L (comma list)")
     parser.add_argument("--pads", default="0,0.25,0.5", help="padding fractions (comma list)")
     parser.add_argument("--no-alt-dkdv", action="store_true", help="skip the ours_bwd_tr column")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="time every variant this many times, in turn; report the medians"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")
@@ -301,7 +332,15 @@ def main() -> None:
     lengths = tuple(int(n) for n in args.lengths.split(",") if n)
     pads = tuple(float(x) for x in args.pads.split(",") if x)
     rows = run_table(
-        args.quick, not args.no_compare, ts_dims, args.ts_full_autotune, dims, lengths, pads, not args.no_alt_dkdv
+        args.quick,
+        not args.no_compare,
+        ts_dims,
+        args.ts_full_autotune,
+        dims,
+        lengths,
+        pads,
+        not args.no_alt_dkdv,
+        max(1, args.rounds),
     )
     result["rows"] = rows
     print("\n" + HEADER)
