@@ -32,7 +32,7 @@ import torch
 from ._bwd import attention_backward
 from ._common import INTERPRET
 from ._fwd import attention_forward
-from ._validate import check_padded, check_varlen
+from ._validate import check_padded, check_sequence_extent, check_varlen
 from .reference import default_bias, sigmoid_attention_reference, sigmoid_attention_varlen_reference
 
 
@@ -134,8 +134,9 @@ def sigmoid_attention(
         return sigmoid_attention_reference(q, k, v, seq_lens, bias=bias, scale=scale)
     if seq_lens is None:
         seq_lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
-    bias_B = _bias_vector(seq_lens.clamp(0, T), bias)
     q, k, v = _last_dim_contiguous(q, k, v)
+    check_sequence_extent(T, q=q, k=k, v=v)
+    bias_B = _bias_vector(seq_lens.clamp(0, T), bias)
     return _fwd_op(q, k, v, seq_lens, bias_B, scale, False, T, bool(deterministic))
 
 
@@ -169,6 +170,7 @@ def sigmoid_attention_varlen(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if q.device.type == "cpu" and not INTERPRET:
         return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, bias=bias, scale=scale)
-    bias_B = _bias_vector(cu_seqlens[1:] - cu_seqlens[:-1], bias)
     q, k, v = _last_dim_contiguous(q, k, v)
+    check_sequence_extent(max_seqlen, q=q, k=k, v=v)
+    bias_B = _bias_vector(cu_seqlens[1:] - cu_seqlens[:-1], bias)
     return _fwd_op(q, k, v, cu_seqlens, bias_B, scale, True, max_seqlen, bool(deterministic))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SEQUENCE_ELEMENTS = 2**31  # the kernels address inside one sequence with 32-bit offsets
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 
@@ -95,3 +96,19 @@ def _check_int_vector(name: str, t: torch.Tensor, n: int, shape: str, device: to
         _fail(f"{name} has shape {tuple(t.shape)}; expected {shape} = ({n},)")
     if t.device != device:
         _fail(f"{name} is on {t.device} but q is on {device}; expected the same device")
+
+
+def check_sequence_extent(rows: int, **tensors: torch.Tensor) -> None:
+    """Checks that one sequence of `rows` tokens of each tensor (token dim −3, heads −2, head dim −1), and of the
+    contiguous outputs and gradients of its shape, spans fewer than 2³¹ elements: the kernels add a sequence's
+    row, head and column offsets in 32 bits (the batch's and the packed start's in 64)."""
+    for name, t in tensors.items():
+        heads, d = t.shape[-2], t.shape[-1]
+        last = (rows - 1) * abs(t.stride(-3)) + (heads - 1) * abs(t.stride(-2)) + (d - 1) * abs(t.stride(-1))
+        span = max(last + 1, rows * heads * d)
+        if rows > 0 and span >= MAX_SEQUENCE_ELEMENTS:
+            _fail(
+                f"{name} {tuple(t.shape)}: one sequence of {rows} tokens spans {span:,} elements (strides "
+                f"{tuple(t.stride())}); expected fewer than 2^31 = {MAX_SEQUENCE_ELEMENTS:,} per sequence, as the "
+                f"kernels index within a sequence with 32-bit offsets (use shorter sequences or fewer heads)"
+            )

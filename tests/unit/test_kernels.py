@@ -382,6 +382,30 @@ def test_varlen_rejects_bad_cu_seqlens():
         sk.sigmoid_attention_varlen(q, q, q, torch.tensor([0, 4, 10], dtype=torch.int32), 0)
 
 
+def test_sequences_past_32_bit_offsets_are_refused_before_any_launch():
+    """One sequence spanning 2^31 elements (131,072 tokens × 128 heads × 128, padded or packed, or a head-major
+    layout whose head stride carries it there) is refused with what was given; 131,071 contiguous tokens pass.
+    Meta tensors: no memory is needed, and the check comes before any launch."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q = torch.empty(1, 131072, 128, 128, **meta)
+    with pytest.raises(ValueError, match=r"q \(1, 131072, 128, 128\): one sequence of 131072 tokens spans "
+                                         r"2,147,483,648 elements .* expected fewer than 2\^31"):  # fmt: skip
+        sk.sigmoid_attention(q, q[:, :, :1], q[:, :, :1])
+    packed = torch.empty(2 * 131072, 128, 128, **meta)
+    with pytest.raises(ValueError, match="one sequence of 131072 tokens"):
+        cu = torch.tensor([0, 131072, 262144], dtype=torch.int32, device="meta")
+        sk.sigmoid_attention_varlen(packed, packed, packed, cu, 131072)
+    # Head-major storage with room for 131,136 tokens per head, viewed as [B, T, H, D] of 131,071 tokens: its head
+    # stride carries the last element past 2^31, although the same tokens stored contiguously (q) fit.
+    q = torch.empty(1, 131071, 128, 128, **meta)
+    head_major = torch.empty(1, 128, 131136, 128, **meta).transpose(1, 2)[:, :131071]
+    with pytest.raises(ValueError, match=r"k \(1, 131071, 128, 128\)"):
+        sk.sigmoid_attention(q, head_major, head_major)
+    from scfm_kernels._validate import check_sequence_extent
+
+    check_sequence_extent(131071, q=torch.empty(1, 131071, 128, 128, **meta))  # 2^31 − 16384 elements: fine
+
+
 @triton.jit
 def _sigmoid_probe(X, P, Q, N, SIG: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
