@@ -76,7 +76,7 @@ def ray_head() -> Iterator[str]:
     finally:
         head.send_signal(signal.SIGTERM)  # --block: ray start stops the processes it started
         with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=30)
+            head.wait(timeout=10)  # its graceful stop can take more than 30 s; nothing here needs it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # whatever of our own process group is left
         log.close()
