@@ -557,7 +557,8 @@ def attention_backward(
     "recompute" only), ATOMIC_DQ 1 (element atomics) or 2 (bulk reduce, default) for "one_pass", STORE_DS 1
     (pointer stores, default) or 2 (descriptor stores) for "stored", KERNEL="ws" (with none or one launch of
     `_bwd_ws.dkdv_ws_configs()`) or KERNEL="triton" for the stored path's dK/dV kernel (by default the
-    warp-specialized one where it can run; SCFM_KERNELS_BWD=triton: the Triton one)."""
+    warp-specialized one where it can run; SCFM_KERNELS_BWD=triton: the Triton one), SIG=3 for the dK/dV
+    kernel's weights with the forward's one centred Newton step instead of the third-order one (1)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     if varlen:

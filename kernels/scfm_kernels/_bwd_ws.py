@@ -65,9 +65,10 @@ if gluon is not None:
     @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr,
     ):  # fmt: skip
-        """Consumer WG: key rows [key0 + 64·WG, + 64) of the program's pair."""
+        """Consumer WG: key rows [key0 + 64·WG, + 64) of the program's pair; SIG: the weights' reciprocal step
+        (`_tile.sigmoid_parts`)."""
         (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
          stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh, stride_dsn,
          b, hk, start, n, n_blocks, key0, T_MAX, ds_head0, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem,
@@ -115,7 +116,7 @@ if gluon is not None:
                     s_t = warpgroup_mma(k_smem, q_j.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                     dp_t = warpgroup_mma(v_smem, do_j.permute((1, 0)), zero_s, use_acc=False, is_async=True)
                     s_t = warpgroup_mma_wait(1, deps=(s_t,))
-                    p_t, e_t = sigmoid_parts(s_t * neg_scale_log2e + bias_log2, False, 1)
+                    p_t, e_t = sigmoid_parts(s_t * neg_scale_log2e + bias_log2, False, SIG)
                     p_a = gl.convert_layout(p_t.to(dtype), a_layout)
                     f_t = p_t * (e_t * p_t)  # P ⊙ (1 − P)
                     dv = warpgroup_mma(p_a, do_j, dv, is_async=True)
@@ -160,7 +161,7 @@ if gluon is not None:
         T_MAX, HK, PAIR0,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
-        LEN_BUCKET: gl.constexpr = 0,
+        LEN_BUCKET: gl.constexpr = 0, SIG: gl.constexpr = 1,
     ):  # fmt: skip
         """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only)."""
         b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, gl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
@@ -198,8 +199,8 @@ if gluon is not None:
         gl.warp_specialize(
             [
                 (_loader, (ld, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF)),
-                (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN)),
-                (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN)),
+                (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
+                (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
             ],
             [4, 4],
             [CONSUMER_REGS, CONSUMER_REGS],
@@ -219,7 +220,7 @@ def dkdv_ws_configs(head_dim: int | None = None) -> list[dict]:
     return for_head_dim(configs, head_dim)
 
 
-_KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET"]
+_KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET", "SIG"]
 _tuned = head_dim_autotuner(_dkdv_ws_kernel, dkdv_ws_configs, _KEY) if available() else None
 
 
@@ -230,12 +231,13 @@ def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None 
         _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * 64), pairs)](*args, **keep)
     else:
         grid = (triton.cdiv(t_max, config["NUM_CONSUMERS"] * 64), pairs)
-        _dkdv_ws_kernel[grid](*args, **keep, **config, num_warps=4)
+        _dkdv_ws_kernel[grid](*args, **{**keep, **config}, num_warps=4)  # a config's SIG overrides meta's
 
 
-def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1) -> dict[str, object]:
-    """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`)."""
+def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1, sig: int = 1) -> dict[str, object]:
+    """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`); sig: the weights'
+    reciprocal step (1, the default, or 3)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, **config)
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, **config)
     return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)

@@ -3,7 +3,7 @@ fwdNw one program per tile) and the stored-dS backward with the warp-specialized
 launch fixed (no autotuner), with cuDNN softmax (SDPA) on the dense shapes in the same process. Correctness of the
 same launches is tests/gpu/test_kernels_gpu.py's. Prints one line per shape; --json writes them.
 
-    PYTHONPATH=$PWD/kernels python3 tests/gpu/probe_ws.py [--json out.json] [--dims 128,64]
+    PYTHONPATH=$PWD/kernels python3 tests/gpu/probe_ws.py [--json out.json] [--dims 128,64] [--bwd-sig 1,3]
 
 Shapes: the bench's (B = 16384/L, H = 2048/D), dense and padded with the bench's own lengths (BENCH_LENS), and the
 trainer's 160M step at D = 128 (B = 8, H = 6, L = 8K). TFLOPS as the bench counts them.
@@ -42,7 +42,15 @@ def _shapes(D: int) -> list[tuple[str, int, int, int, float]]:
 
 
 def time_shape(
-    D: int, name: str, B: int, L: int, H: int, pad: float, gen: torch.Generator, backward: bool = True
+    D: int,
+    name: str,
+    B: int,
+    L: int,
+    H: int,
+    pad: float,
+    gen: torch.Generator,
+    backward: bool = True,
+    bwd_sigs: tuple[int, ...] = (1,),
 ) -> dict:
     q, k, v, go = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
@@ -57,10 +65,11 @@ def time_shape(
             fn = lambda c=c: _fwd.attention_forward(q, k, v, lens, bias, scale, False, L, config=c)  # noqa: E731
             row[f"fwd{i}{tag}"] = flops / _ms(fn) / 1e9
     for i, cfg in enumerate(_bwd_ws.dkdv_ws_configs(D) if backward else []):
-        fn = lambda c=cfg: attention_backward(  # noqa: E731
-            go, q, k, v, lens, bias, scale, False, L, dkdv_config=dict(c, KERNEL="ws"), dq_path="stored"
-        )
-        row[f"bwd{i}"] = 2.5 * flops / _ms(fn) / 1e9
+        for sig in bwd_sigs:  # bwdN: the default reciprocal step (SIG=1); bwdNs3: SIG=3
+            fn = lambda c=dict(cfg, KERNEL="ws", SIG=sig): attention_backward(  # noqa: E731
+                go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="stored"
+            )
+            row[f"bwd{i}" + ("" if sig == 1 else f"s{sig}")] = 2.5 * flops / _ms(fn) / 1e9
     if pad == 0:
         qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
@@ -79,6 +88,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--dims", default="128,64")
     parser.add_argument("--forward-only", action="store_true", help="time the forward launches only")
+    parser.add_argument("--bwd-sig", default="1", help="dK/dV reciprocal steps to time (comma list of 1, 3)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     for D in (int(d) for d in args.dims.split(",")):
@@ -90,7 +100,8 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(2)
     for D in (int(d) for d in args.dims.split(",")):
         for shape in _shapes(D):
-            row = time_shape(D, *shape, gen, backward=not args.forward_only)
+            sigs = tuple(int(x) for x in args.bwd_sig.split(","))
+            row = time_shape(D, *shape, gen, backward=not args.forward_only, bwd_sigs=sigs)
             rows.append(row)
             cells = [f"{k}={v:.0f}" for k, v in row.items() if isinstance(v, float)]
             print(f"D={D} {row['shape']:>8} lens={row['lens'][:4]} " + " ".join(cells), flush=True)

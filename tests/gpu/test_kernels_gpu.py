@@ -146,7 +146,8 @@ def test_tail_split_forward_is_correct_and_deterministic(nsm, monkeypatch):
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_warp_specialized_dkdv_launch_is_correct(D):
     """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its
-    list: GQA, lengths T, 1 and T/2 + 3, against float64; bitwise the same on a second run (deterministic)."""
+    list, with the default reciprocal step and SIG=3: GQA, lengths T, 1 and T/2 + 3, against float64; bitwise the
+    same on a second run (deterministic)."""
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
@@ -157,7 +158,7 @@ def test_every_warp_specialized_dkdv_launch_is_correct(D):
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
     bias = -torch.log(lens.float())
-    for cfg in _bwd_ws.dkdv_ws_configs(D):
+    for cfg in [dict(c, SIG=sig) for c in _bwd_ws.dkdv_ws_configs(D) for sig in (1, 3)]:
         run = lambda c=cfg: attention_backward(  # noqa: E731
             go, q, k, v, lens, bias, D**-0.5, False, T, dkdv_config=dict(c, KERNEL="ws"), dq_path="stored"
         )

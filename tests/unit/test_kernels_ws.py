@@ -76,8 +76,8 @@ for d in _fwd_ws.HEAD_DIMS:
                         wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
                         mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="fwd"))
     for c in _bwd_ws.dkdv_ws_configs(d):
-        for group, varlen in ((1, False), (2, True)):
-            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group)
+        for group, varlen, sig in ((1, False, 1), (2, True, 1), (1, False, 3)):
+            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, sig=sig)
             ptx = r["ptx"]
             out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
                             wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
@@ -92,7 +92,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
     registers), shared memory within the limit, warp-group products, register reallocation and mbarrier waits in
     the PTX."""
     results = _json_without_interpreter(_COMPILE)
-    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 3 + 2 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
+    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 3 + 3 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
     assert len(results) == want
     for r in results:
         what = f"{r['kernel']} D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
