@@ -10,6 +10,10 @@ atomics. At head dims 97-128 (16-bit inputs on tensor-descriptor hardware) the d
 pair's 16-bit dSᵀ tile in a bounded scratch buffer and `_dq_ds_kernel` streams it once against K instead of the
 dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64); on
 Hopper the warp-specialized dK/dV kernel (`_bwd_ws`) serves that path, at D = 64 too.
+With SCFM_KERNELS_BWD_PLAN=1 (opt-in, not yet measured on the GPU) the dK/dV launch is planned where its key block
+is known before it starts (the warp-specialized kernel, a fixed launch): one program per row of `_split.plan`'s work table, longest sequences first, the last round's key
+blocks in 2-4 parts over the queries with float32 partial dK and dV that `_split.finish` adds in a fixed order
+(deterministic), the blocks past the ends last.
 Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV kernel also
 computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
 tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.
@@ -22,12 +26,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _bwd_ws
+from . import _bwd_ws, _split
 from ._common import (
     AUTOTUNE,
     INTERPRET,
@@ -39,12 +44,16 @@ from ._common import (
     set_descriptor_allocator,
     tma_ok,
 )
+from ._split import KEY_UNIT, key_work, part_blocks
 from ._tile import LOG2E, key_head, mma, query_head, seq_bounds, sigmoid_parts
 
 # The stored-dS path's dK/dV kernel: the warp-specialized one (`_bwd_ws`) where it can run, which measured 7-12%
 # faster over the whole backward at D = 128 (docs/benchmarks.md, run 15); SCFM_KERNELS_BWD=triton keeps the
 # Triton kernel of this module.
 BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "ws")
+# The dK/dV launch planned (`_dkdv_plan`: longest sequences first, the last round's key blocks split over the
+# queries): opt-in with SCFM_KERNELS_BWD_PLAN=1 until the GPU has measured it; the 2-D grid by default.
+BWD_PLAN = os.environ.get("SCFM_KERNELS_BWD_PLAN", "0") == "1"
 
 
 @triton.jit
@@ -136,15 +145,25 @@ def _dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_dqab, stride_dqat, stride_dqah,
     stride_dsh, stride_dsn,
-    T_MAX, HK, PAIR0,
+    T_MAX, HK, PAIR0, WORK, PART,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, USE_TMA: tl.constexpr, LEN_BUCKET: tl.constexpr = 0,
-    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0,
+    ATOMIC_DQ: tl.constexpr = 0, SIG: tl.constexpr = 1, STORE_DS: tl.constexpr = 0, PLANNED: tl.constexpr = 0,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    # (batch, key head) pair; a launch covers pairs [PAIR0, PAIR0 + grid[1])
-    b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, tl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
+    """PLANNED=0: a 2-D grid (key block, pair), pairs [PAIR0, PAIR0 + grid[1]), WORK and PART unused; PLANNED=1:
+    program i does row i of the work table WORK (`_split.plan` over every pair of the batch: longest sequences
+    first, the last round's key blocks in parts over the queries, key blocks past the ends last), PAIR0 = 0; a
+    part writes float32 partial dK (scaled) and dV to PART (`_split.finish` adds them)."""
+    if PLANNED:
+        b, hk, pid_n, part, n_parts, piece, start, n, bias_log2 = key_work(WORK, BIAS, tl.program_id(0), T_MAX)
+        pair = b * HK + hk
+        qb0, qb1 = part_blocks(n, part, n_parts, BLOCK_M, KEY_UNIT)
+    else:
+        pid_n = tl.program_id(0)
+        pair = tl.program_id(1)
+        b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
+        piece, qb0, qb1 = -1, 0, tl.cdiv(n, BLOCK_M)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -160,9 +179,13 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
+    # A key block past the sequence's end loads no queries; it only writes zeros (padded layout). Query rows
+    # [m_lo, m_hi): this program's part of the sequence's.
     n_rows = tl.where(pid_n * BLOCK_N < n, n, 0)
     n_full = (n_rows // BLOCK_M) * BLOCK_M
+    m_lo = qb0 * BLOCK_M
+    m_hi = tl.minimum(qb1 * BLOCK_M, n_rows)
+    full_hi = tl.maximum(tl.minimum(m_hi, n_full), m_lo)
     for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + start * stride_qt + h * stride_qh
@@ -185,14 +208,14 @@ def _dkdv_kernel(
                 )  # fmt: skip
             if STORE_DS != 0:
                 # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's buffer (see `_dq_ds_kernel`).
-                ds_base = DS + (tl.program_id(1) * GROUP + g).to(tl.int64) * stride_dsh
+                ds_base = DS + (pair * GROUP + g).to(tl.int64) * stride_dsh
                 ds_ptrs = ds_base + offs_n.to(tl.int64)[:, None] * stride_dsn + offs_m[None, :]
                 if STORE_DS == 2:
                     ds_desc = tl.make_tensor_descriptor(
                         ds_base, shape=[stride_dsn, stride_dsn], strides=[stride_dsn, 1],
                         block_shape=[BLOCK_N, BLOCK_M],
                     )  # fmt: skip
-            for start_m in range(0, n_rows, BLOCK_M):
+            for start_m in range(m_lo, m_hi, BLOCK_M):
                 q = q_desc.load([start_m, 0])
                 do = do_desc.load([start_m, 0])
                 dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, neg_scale_log2e, bias_log2, DOT_MODE, SIG)
@@ -220,13 +243,13 @@ def _dkdv_kernel(
         else:
             q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
             do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
-            for start_m in range(0, n_full, BLOCK_M):
+            for start_m in range(m_lo, full_hi, BLOCK_M):
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_ptrs + start_m * stride_qt, do_ptrs + start_m * stride_dot,
                     start_m, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
                     HEAD_DIM, BLOCK_D, DOT_MODE, False, SIG,
                 )  # fmt: skip
-            if n_full < n_rows:
+            if full_hi < m_hi:
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_ptrs + n_full * stride_qt, do_ptrs + n_full * stride_dot,
                     n_full, n_rows, offs_m, mask_d, neg_scale_log2e, bias_log2,
@@ -235,12 +258,19 @@ def _dkdv_kernel(
 
     dk = tl.where(key_ok[:, None], dk * scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
-    store_rows = key_ok if VARLEN else offs_n < T_MAX
-    out_mask = store_rows[:, None] & mask_d[None, :]
-    dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
-    tl.store(dk_ptrs + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
-    dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
-    tl.store(dv_ptrs + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+    if piece >= 0:  # one part of a split key block's queries: float32 partials for `_split.finish`
+        local = tl.arange(0, BLOCK_N)
+        p_ptrs = PART + piece.to(tl.int64) * (2 * BLOCK_N * HEAD_DIM) + local[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(p_ptrs, dk, mask=mask_d[None, :])
+        tl.store(p_ptrs + BLOCK_N * HEAD_DIM, dv, mask=mask_d[None, :])
+    else:
+        store_rows = key_ok if VARLEN else offs_n < T_MAX
+        out_mask = store_rows[:, None] & mask_d[None, :]
+        dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
+        dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
+        dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
+        tl.store(dv_ptrs + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -620,14 +650,25 @@ def attention_backward(
     ws = _ws_dkdv(path, q, use_tma, kcfg, ws_default)
     if kcfg is not None:
         kcfg.pop("KERNEL", None)
+    key_rows = _bwd_ws.KEY_ROWS if ws else (kcfg or fixed or {}).get("BLOCK_N")
+    plan = _dkdv_plan(seq, varlen, t_max, (B, HK, D), chunk, key_rows, q.device)
+    kmeta["PLANNED"] = int(plan is not None)
     for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
         c = min(chunk, pairs - pair0)
-        args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0)
+        tail = (seq, dq_acc) if plan is None else (plan.work, plan.part)  # unused when not planned
+        args = (q, k, v, do, dk, dv, dq_acc, ds, seq, bias_B, -scale * LOG2E, scale, *s_in, *s_out, t_max, HK, pair0,
+                *tail)  # fmt: skip
+        grid = lambda m, c=c: (plan.total,) if plan is not None else (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
         if ws:
-            _bwd_ws.launch(args, kmeta, t_max, c, kcfg or None)
+            _bwd_ws.launch(args, kmeta, grid(dict(BLOCK_N=key_rows)), kcfg or None)
         else:
-            grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
             _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
+        if plan is not None:  # the split key blocks' partial dK and dV, added into place
+            rows = plan.rows
+            meta_f = dict(TILE_ROWS=rows, HEAD_DIM=D, VARLEN=varlen)
+            dims = (t_max, plan.nsm, plan.total)
+            _split.finish((dk, *_bth(dk, varlen)), plan.part, plan.work, dims, meta_f, 2 * rows * D)
+            _split.finish((dv, *_bth(dv, varlen)), plan.part[rows * D :], plan.work, dims, meta_f, 2 * rows * D)
         if path == "stored":
             args = (ds, k, dq, seq, scale, ds.stride(0), ds.stride(1), *_bth(k, varlen), *_bth(dq, varlen))
             grid = lambda m, c=c: (triton.cdiv(t_max, m["BLOCK_M"]), c * G)  # noqa: E731
@@ -642,6 +683,41 @@ def attention_backward(
     if varlen:
         return dq[0], dk[0], dv[0]
     return dq, dk, dv
+
+
+class _KeyPlan(NamedTuple):
+    """A planned dK/dV launch: its work table, the split key blocks' float32 partials (piece i: dK at
+    part[2·i·rows·D], dV rows·D after it), its grid size, multiprocessors and key rows per program."""
+
+    work: torch.Tensor
+    part: torch.Tensor
+    total: int
+    nsm: int
+    rows: int
+
+
+def _dkdv_plan(
+    seq: torch.Tensor,
+    varlen: bool,
+    t_max: int,
+    dims: tuple[int, int, int],
+    chunk: int,
+    key_rows: int | None,
+    device: torch.device,
+) -> _KeyPlan | None:
+    """The dK/dV launch planned (`_split.plan` over the (batch, key head) pairs: longest sequences first, the last
+    round's key blocks in parts over the queries, key blocks past the ends last), or None for the 2-D grid:
+    SCFM_KERNELS_BWD_PLAN=0, a batch past `_split.PLAN_MAX_B` sequences, pairs in more than one launch (a scratch
+    budget too small for all their dSᵀ), or a key block not known before the launch (the autotuned Triton
+    kernel). dims: (B, key heads, D)."""
+    B, HK, D = dims
+    if not BWD_PLAN or key_rows is None or not 1 <= B <= _split.PLAN_MAX_B or chunk < B * HK:
+        return None
+    nsm = _split.num_sms(device)
+    n_k = triton.cdiv(t_max, key_rows)
+    work = _split.plan(seq, varlen, t_max, (B, HK, n_k, nsm), key_rows)
+    part = _split.scratch(nsm, 2 * key_rows, D, device)
+    return _KeyPlan(work, part, _split.grid_size(n_k, B, HK, nsm), nsm, key_rows)
 
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:

@@ -13,13 +13,13 @@ One program owns NUM_CONSUMERS·64 key rows of one (batch, key head) pair and ru
     dPᵀ runs), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ with 1 − P = e·P (`_tile.sigmoid_parts`), dV += Pᵀ dO_j and dK += dSᵀ Q_j
     from registers, and dSᵀ (16-bit) goes to the scratch buffer through shared memory and a bulk tensor store, for
     `_bwd._dq_ds_kernel` to stream into dQ. Every output element is written once: deterministic.
+Planned (PLANNED=1, `_bwd._dkdv_plan`): program i takes its pair, key block and query blocks from row i of the
+work table; a part of a split key block writes float32 partial dK and dV instead, for `_split.finish`.
 The run-14 ptxas report for `_dkdv_kernel` (255 registers, 136–300 bytes of spills per thread) is what this
 partitioning is for: each consumer's accumulators are 64 key rows, its register budget set per partition.
 """
 
 from __future__ import annotations
-
-import triton
 
 from . import _fwd_ws
 from ._common import compile_sm90 as common_compile_sm90
@@ -36,11 +36,12 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
     from ._fwd_ws import gl, mbarrier, seq_desc, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
+    from ._split import KEY_UNIT, key_work, part_blocks
     from ._tile import key_head, sigmoid_parts
 
     @gluon.jit
     def _loader(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr):
-        (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
+        (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks, qb0,
          q_smem, do_smem, ready, free) = args  # fmt: skip
         nbytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * Q.dtype.element_ty.primitive_bitwidth // 8
         j = 0
@@ -58,8 +59,8 @@ if gluon is not None:
                 stage = j % NUM_BUF
                 mbarrier.wait(free.index(stage), ((j // NUM_BUF) & 1) ^ 1)  # fresh barriers pass the first round
                 mbarrier.expect(ready.index(stage), nbytes)
-                tma_load(q_desc, [i * BLOCK_M, 0], ready.index(stage), q_smem.index(stage))
-                tma_load(do_desc, [i * BLOCK_M, 0], ready.index(stage), do_smem.index(stage))
+                tma_load(q_desc, [(qb0 + i) * BLOCK_M, 0], ready.index(stage), q_smem.index(stage))
+                tma_load(do_desc, [(qb0 + i) * BLOCK_M, 0], ready.index(stage), do_smem.index(stage))
                 j += 1
 
     @gluon.jit
@@ -71,8 +72,8 @@ if gluon is not None:
         (`_tile.sigmoid_parts`)."""
         (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
          stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh, stride_dsn,
-         b, hk, start, n, n_blocks, key0, T_MAX, ds_head0, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem,
-         ready, free) = args  # fmt: skip
+         b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem,
+         do_smem, ds_smem, ready, free) = args  # fmt: skip
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = K.dtype.element_ty
         key0 = key0 + WG * BLOCK_N
@@ -125,11 +126,11 @@ if gluon is not None:
                     ds_a = gl.convert_layout(ds_t, a_layout)
                     dk = warpgroup_mma(ds_a, q_j, dk, is_async=True)
                     # dSᵀ to the scratch through shared memory; the previous block's store must have left it.
-                    if i * BLOCK_M < T_MAX:
+                    if (qb0 + i) * BLOCK_M < T_MAX:
                         tma.store_wait(0)
                         ds_smem.store(ds_t)
                         fence_async_shared()
-                        tma_store(ds_desc, [key0, i * BLOCK_M], ds_smem)
+                        tma_store(ds_desc, [key0, (qb0 + i) * BLOCK_M], ds_smem)
                     dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, p_a, ds_a))
                     mbarrier.arrive(free.index(stage))
                     j += 1
@@ -138,13 +139,20 @@ if gluon is not None:
         offs_n = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, d_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, d_layout))
         key_ok = (offs_n < n)[:, None]
-        store_rows = (offs_n < n if VARLEN else offs_n < T_MAX)[:, None]
-        dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
-        dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
-        gl.store(dk_ptrs, gl.where(key_ok, dk * scale, 0.0).to(dtype), mask=store_rows)
-        dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
-        dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :]
-        gl.store(dv_ptrs, gl.where(key_ok, dv, 0.0).to(dtype), mask=store_rows)
+        dk = dk * scale
+        if piece >= 0:  # one part of a split key block's queries: float32 partials for `_split._finish`
+            part_base = PART + piece.to(gl.int64) * (4 * BLOCK_N * HEAD_DIM)  # dK then dV, KEY_ROWS each
+            p_ptrs = part_base + (offs_n - key0 + WG * BLOCK_N)[:, None] * HEAD_DIM + offs_d[None, :]
+            gl.store(p_ptrs, dk)  # (rows past n: `_split._finish` writes zeros there)
+            gl.store(p_ptrs + 2 * BLOCK_N * HEAD_DIM, dv)  # after the KEY_ROWS of dK
+        else:
+            store_rows = (offs_n < n if VARLEN else offs_n < T_MAX)[:, None]
+            dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
+            dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
+            gl.store(dk_ptrs, gl.where(key_ok, dk, 0.0).to(dtype), mask=store_rows)
+            dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
+            dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :]
+            gl.store(dv_ptrs, gl.where(key_ok, dv, 0.0).to(dtype), mask=store_rows)
 
     @gluon.jit
     def _dkdv_ws_kernel(
@@ -158,17 +166,26 @@ if gluon is not None:
         stride_dvb, stride_dvt, stride_dvh,
         stride_dqab, stride_dqat, stride_dqah,
         stride_dsh, stride_dsn,
-        T_MAX, HK, PAIR0,
+        T_MAX, HK, PAIR0, WORK, PART,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
-        LEN_BUCKET: gl.constexpr = 0, SIG: gl.constexpr = 1,
+        LEN_BUCKET: gl.constexpr = 0, SIG: gl.constexpr = 1, PLANNED: gl.constexpr = 0,
     ):  # fmt: skip
-        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only)."""
-        b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, gl.program_id(1) + PAIR0, HK, T_MAX, VARLEN)
-        key0 = gl.program_id(0) * (NUM_CONSUMERS * 64)
-        # A key block past the sequence's end loads no queries; it only writes zeros (padded layout).
-        n_blocks = gl.where(key0 < n, gl.cdiv(n, BLOCK_M), 0)
-        ds_head0 = gl.program_id(1) * GROUP  # this pair's first query head in the launch's scratch
+        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only), PLANNED as there."""
+        if PLANNED:
+            b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(WORK, BIAS, gl.program_id(0), T_MAX)
+            pair = b * HK + hk
+            qb0, qb1 = part_blocks(n, part, n_parts, BLOCK_M, KEY_UNIT)
+        else:
+            pair = gl.program_id(1)
+            b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
+            tile, piece, qb0 = gl.program_id(0), -1, 0
+            qb1 = gl.cdiv(n, BLOCK_M)
+        key0 = tile * (NUM_CONSUMERS * 64)
+        # A key block past the sequence's end loads no queries; it only writes zeros (padded layout). Query blocks
+        # [qb0, qb1): this program's part of the sequence's.
+        n_blocks = gl.where(key0 < n, qb1 - qb0, 0)
+        ds_head0 = pair * GROUP  # this pair's first query head in the launch's scratch
 
         dtype: gl.constexpr = Q.dtype.element_ty
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
@@ -189,11 +206,11 @@ if gluon is not None:
             mbarrier.init(free.index(i), count=NUM_CONSUMERS)
 
         ld = (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
-              q_smem, do_smem, ready, free)  # fmt: skip
+              qb0, q_smem, do_smem, ready, free)  # fmt: skip
         c = (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
              stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh,
-             stride_dsn, b, hk, start, n, n_blocks, key0, T_MAX, ds_head0, k_smem, v_smem, kv_ready, q_smem, do_smem,
-             ds_smem, ready, free)  # fmt: skip
+             stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem,
+             kv_ready, q_smem, do_smem, ds_smem, ready, free)  # fmt: skip
         # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
         gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
         gl.warp_specialize(
@@ -205,6 +222,9 @@ if gluon is not None:
             [4, 4],
             [CONSUMER_REGS, CONSUMER_REGS],
         )
+
+
+KEY_ROWS = 128  # key rows per program: NUM_CONSUMERS (2) × 64 in every launch
 
 
 def _launch(dims: tuple[int, ...], block_m: int, stages: int) -> dict:
@@ -224,20 +244,22 @@ _KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET", "SIG"]
 _tuned = head_dim_autotuner(_dkdv_ws_kernel, dkdv_ws_configs, _KEY) if available() else None
 
 
-def launch(args: tuple, meta: dict, t_max: int, pairs: int, config: dict | None = None) -> None:
-    """One launch over `pairs` (batch, key head) pairs: args as `_bwd._dkdv_kernel`'s, meta its keywords."""
+def launch(args: tuple, meta: dict, grid: tuple[int, ...], config: dict | None = None) -> None:
+    """One launch: args as `_bwd._dkdv_kernel`'s, meta its keywords, grid (key blocks, pairs), or one program per
+    row of the work table in args (PLANNED=1)."""
     keep = {k: meta[k] for k in _KEY}
     if config is None:
-        _tuned[lambda m: (triton.cdiv(t_max, m["NUM_CONSUMERS"] * 64), pairs)](*args, **keep)
+        _tuned[lambda m: grid](*args, **keep, PLANNED=meta["PLANNED"])
     else:
-        grid = (triton.cdiv(t_max, config["NUM_CONSUMERS"] * 64), pairs)
-        _dkdv_ws_kernel[grid](*args, **{**keep, **config}, num_warps=4)  # a config's SIG overrides meta's
+        _dkdv_ws_kernel[grid](*args, **{**keep, **config}, PLANNED=meta["PLANNED"], num_warps=4)  # SIG may override
 
 
-def compile_sm90(head_dim: int, config: dict, varlen: bool = False, group: int = 1, sig: int = 1) -> dict[str, object]:
-    """This kernel at one launch, compiled for Hopper without a GPU (`_common.compile_sm90`); sig: the weights'
-    reciprocal step (1, the default, or 3)."""
+def compile_sm90(
+    head_dim: int, config: dict, varlen: bool = False, group: int = 1, sig: int = 1, planned: bool = True
+) -> dict[str, object]:
+    """This kernel at one launch (planned or not), compiled for Hopper without a GPU (`_common.compile_sm90`); sig:
+    the weights' reciprocal step (1, the default, or 3)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, **config)
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, PLANNED=int(planned), **config)
     return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)

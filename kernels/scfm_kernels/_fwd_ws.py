@@ -205,7 +205,7 @@ if gluon is not None:
 
         offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        if piece >= 0:  # one part of a split tile's keys: float32 partial rows for `_split._finish_fwd`
+        if piece >= 0:  # one part of a split tile's keys: float32 partial rows for `_split._finish`
             p_ptrs = part_base + (offs_m - tile_row0)[:, None] * HEAD_DIM + offs_d[None, :]
             gl.store(p_ptrs, acc)
         else:
@@ -376,7 +376,7 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
     named in the autotune key are used); config, a fixed launch from `fwd_ws_configs()` instead of the autotuner,
     with SPLIT=0/1 to override SCFM_KERNELS_TAIL_SPLIT. Planned (the default, batches of up to
     `_split.PLAN_MAX_B` sequences): `_split.plan` writes the work table (longest sequences first, the last round's
-    tiles in parts over the keys), and `_split.finish_fwd` adds the parts' partials."""
+    tiles in parts over the keys), and `_split.finish` adds the parts' partials."""
     keep = {k: meta[k] for k in _KEY}
     cfg = dict(config) if config is not None else None
     planned = cfg.pop("SPLIT", TAIL_SPLIT) if cfg is not None else TAIL_SPLIT
@@ -408,7 +408,7 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
         _fwd_ws_kernel[grid](*args, *tail, **keep, **cfg, SPLIT=split, TRACING=int(tracing), num_warps=4)
     if split:
         finish = dict(TILE_ROWS=rows, HEAD_DIM=meta["HEAD_DIM"], VARLEN=meta["VARLEN"])
-        _split.finish_fwd((o, *args[16:19]), part, work, (t_max, H, nsm, total), finish)
+        _split.finish((o, *args[16:19]), part, work, (t_max, nsm, total), finish)
 
 
 def compile_sm90(

@@ -1,5 +1,7 @@
-"""The planned launch of the warp-specialized forward: longest sequences first, empty tiles last, and the last
-round's tiles split along the keys.
+"""Planned launches: longest sequences first, empty tiles last, and the last round's tiles split in parts. The
+warp-specialized forward's query tiles split along the keys; the backward's dK/dV key blocks (tiles of key rows,
+H counted as key heads) split along the queries (`_bwd._dkdv_plan`), their partial dK and dV added by `_finish`
+as the forward's partial outputs are.
 
 A launch of N equal tiles on NSM multiprocessors (one program each at a time) runs ⌈N/NSM⌉ rounds, the last with
 only r = N mod NSM busy: at D = 128 a 16K sequence's 1376 forward tiles run 10.4 rounds in the time of 11, and a
@@ -7,7 +9,7 @@ only r = N mod NSM busy: at D = 128 a 16K sequence's 1376 forward tiles run 10.4
 (docs/benchmarks.md, run 17), showed the whole-tile launch at 0.946–0.963 of its busy time spread evenly over the
 multiprocessors on dense batches and at 0.885–0.907 on 50%-padded ones. Sigmoid attention needs no running max or
 row sums, so a tile's output is a plain sum over its keys: the last r tiles each run as s pieces over s parts of
-their keys, their float32 partial outputs go to a scratch buffer, and `_finish_fwd` adds the s parts in a fixed
+their keys, their float32 partial outputs go to a scratch buffer, and `_finish` adds the s parts in a fixed
 order (deterministic) into the output.
 
 `_plan_kernel` writes the launch's work table on the device (no host sync): one row per program of a 1-D grid of
@@ -23,9 +25,9 @@ N_M·B·H + (S_MAX − 1)·NSM programs, in this order:
   - programs with nothing to do.
 Row of program i (int32 × ROW): b, h, m (query tile), part, parts, piece (−1: the tile whole, or zeros past the
 end; ≥ 0: scratch slot of a partial; −2: nothing), n (the sequence's length), start (its first row when packed).
-After the last row: (first split rank, split tiles, s), for `_finish_fwd`.
+After the last row: (first split rank, split tiles, s), for `_finish`.
 
-Batches of more than PLAN_MAX_B sequences run the plain 2-D grid (`_fwd_ws.launch`).
+Batches of more than PLAN_MAX_B sequences run the plain 2-D grid (`_fwd_ws.launch`, `_bwd._dkdv_plan`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from ._tile import bias_term
 
 S_MAX = tl.constexpr(4)  # most pieces per tile
 KEY_UNIT = tl.constexpr(128)  # keys per part are a multiple of this (of every launch's key block)
@@ -137,6 +141,18 @@ def work_item(WORK, pid):
 
 
 @triton.jit
+def key_work(WORK, BIAS, pid, T_MAX):
+    """What program pid of a planned key-side launch (the backward's dK/dV over (batch, key head) pairs, split
+    along the queries) works on: (b, key head, key tile, part, parts, piece, the sequence's first row and length,
+    −bias·log2 e). A program with nothing to do gets length 0 and a key tile past T_MAX: it loads and stores
+    nothing."""
+    b, hk, m, part, parts, piece, n, start = work_item(WORK, pid)
+    idle = piece == -2
+    b = b.to(tl.int64)
+    return b, hk, tl.where(idle, T_MAX, m), part, parts, piece, start, tl.where(idle, 0, n), bias_term(BIAS, b)
+
+
+@triton.jit
 def part_blocks(n, part, s, BLOCK_N: tl.constexpr, KEY_UNIT: tl.constexpr):
     """Key blocks [lo, hi) of part `part` of s of a sequence of n keys (parts in whole KEY_UNITs)."""
     units = tl.cdiv(n, KEY_UNIT)
@@ -147,14 +163,16 @@ def part_blocks(n, part, s, BLOCK_N: tl.constexpr, KEY_UNIT: tl.constexpr):
 
 
 @triton.jit
-def _finish_fwd(
+def _finish(
     O, PART, WORK, TOTAL,
     stride_ob, stride_ot, stride_oh,
-    T_MAX, H,
-    TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, VARLEN: tl.constexpr,
+    T_MAX, PIECE_STRIDE,
+    TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """Output rows of the split tiles: program (i, j) adds the s partials of rows [j·ROWS, + ROWS) of split tile i
-    in part order and writes them (zeros past the sequence's end, as the forward kernels)."""
+    """Output rows of the split tiles (O: the forward's output, or the backward's dK or dV): program (i, j) adds the
+    s float32 partials of rows [j·ROWS, + ROWS) of split tile i (piece k at PART + k·PIECE_STRIDE, its rows
+    HEAD_DIM apart) in part order and writes them, zeros past the sequence's end, as the kernels do."""
     i = tl.program_id(0)
     tail = WORK + TOTAL.to(tl.int64) * ROW
     first = tl.load(tail)
@@ -164,21 +182,27 @@ def _finish_fwd(
         b, h, m, _, _, _, n, start = work_item(WORK, first + i * s)
         b = b.to(tl.int64)
         local = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, HEAD_DIM)
-        part_ptrs = PART + (i * s).to(tl.int64) * (TILE_ROWS * HEAD_DIM) + local[:, None] * HEAD_DIM + offs_d[None, :]
-        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        part_ptrs = PART + (i * s).to(tl.int64) * PIECE_STRIDE + local[:, None] * HEAD_DIM + offs_d[None, :]
+        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
         for p in range(s):
-            acc += tl.load(part_ptrs + p * (TILE_ROWS * HEAD_DIM))
+            acc += tl.load(part_ptrs + p * PIECE_STRIDE, mask=d_ok, other=0.0)
         rows = m * TILE_ROWS + local
         acc = tl.where((rows < n)[:, None], acc, 0.0)
         o_ptrs = O + b * stride_ob + start * stride_ot + h * stride_oh
         o_ptrs += rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
         store_rows = rows < n if VARLEN else rows < T_MAX
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None])
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=store_rows[:, None] & d_ok)
+
+
+CPU_SMS = 4  # what a planned launch under the interpreter (CPU tensors) takes the multiprocessor count for
 
 
 def num_sms(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device."""
+    """Multiprocessors of a CUDA device; CPU_SMS for a CPU one (the interpreter)."""
+    if device.type != "cuda":
+        return CPU_SMS
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -188,14 +212,15 @@ def _num_sms(index: int) -> int:
 
 
 def grid_size(n_m: int, B: int, H: int, nsm: int) -> int:
-    """Programs of a planned launch: every (query tile, pair), and room for the pieces after the first of each
-    split tile (r·(s − 1) < (S_MAX − 1)·NSM)."""
+    """Programs of a planned launch: every (tile, pair), and room for the pieces after the first of each split tile
+    (r·(s − 1) < (S_MAX − 1)·NSM)."""
     return n_m * B * H + (int(S_MAX) - 1) * nsm
 
 
 def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int, int], tile_rows: int) -> torch.Tensor:
     """The work table of a planned launch (module docstring), on seq's device without a host sync: int32
-    [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM)."""
+    [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM)
+    with H the heads the tiles are counted over (the backward's: key heads)."""
     B, H, n_m, nsm = dims
     if not 1 <= B <= PLAN_MAX_B:
         raise ValueError(f"a planned launch takes 1 to {PLAN_MAX_B} sequences, got B={B}")
@@ -217,11 +242,16 @@ def scratch(nsm: int, tile_rows: int, head_dim: int, device: torch.device) -> to
     return torch.empty(int(S_MAX) * nsm * tile_rows * head_dim, dtype=torch.float32, device=device)
 
 
-def finish_fwd(o_args: tuple, part: torch.Tensor, work: torch.Tensor, dims: tuple, meta: dict) -> None:
-    """Launches `_finish_fwd` after a planned forward: o_args (O, stride_ob, stride_ot, stride_oh), dims (T_MAX, H,
-    NSM, grid size), meta (TILE_ROWS, HEAD_DIM, VARLEN)."""
+def finish(
+    o_args: tuple, part: torch.Tensor, work: torch.Tensor, dims: tuple, meta: dict, piece_stride: int | None = None
+) -> None:
+    """Launches `_finish` after a planned launch: o_args (O, stride_ob, stride_ot, stride_oh), dims (T_MAX, NSM,
+    grid size), meta (TILE_ROWS, HEAD_DIM, VARLEN); piece_stride: float32 values from one piece's partial to the
+    next (default TILE_ROWS·HEAD_DIM: pieces back to back)."""
     o, sb, st, sh = o_args
-    t_max, H, nsm, total = dims
-    rows = 64
+    t_max, nsm, total = dims
+    rows = min(64, meta["TILE_ROWS"])
     grid = (nsm, meta["TILE_ROWS"] // rows)
-    _finish_fwd[grid](o, part, work, total, sb, st, sh, t_max, H, ROWS=rows, **meta)
+    stride = meta["TILE_ROWS"] * meta["HEAD_DIM"] if piece_stride is None else piece_stride
+    block_d = triton.next_power_of_2(meta["HEAD_DIM"])
+    _finish[grid](o, part, work, total, sb, st, sh, t_max, stride, BLOCK_D=block_d, ROWS=rows, **meta)

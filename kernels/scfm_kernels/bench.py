@@ -11,7 +11,9 @@ fits the scratch budget); `ours_bwd_rc`: the recompute backward (SCFM_KERNELS_DS
 `ours_bwd_1p`: the opt-in one-pass backward (deterministic=False); `ours_bwd_tr`: the stored path with the
 Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too (D = 128); `ours_fwd_whole`: the
 forward without the planned launch (SCFM_KERNELS_TAIL_SPLIT=0: one program per tile in a 2-D grid, no tail split,
-no longest-first order; `_split`). TFLOPS use the
+no longest-first order; `_split`); `ours_bwd_plan` / `ours_bwd_whole`: the backward with its dK/dV launch
+planned (longest first, the last round's key blocks split over the queries) or in the 2-D grid, whichever
+SCFM_KERNELS_BWD_PLAN does not choose. TFLOPS use the
 FlashAttention convention: 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are
 `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
@@ -144,6 +146,9 @@ def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, al
     out = [_Variant(ours, qkv, "ours_fwd", "ours_bwd")]
     if _fwd_ws.supported(q, True) and _fwd_ws.TAIL_SPLIT:  # the same forward, not planned
         out.append(_Variant(ours, qkv, "ours_fwd_whole", None, lambda: _module_setting(_fwd_ws, "TAIL_SPLIT", False)))
+    # The same backward with the dK/dV launch the other way (planned or the 2-D grid) than the default.
+    other = "ours_bwd_whole" if _bwd.BWD_PLAN else "ours_bwd_plan"
+    out.append(_Variant(ours, qkv, None, other, lambda: _module_setting(_bwd, "BWD_PLAN", not _bwd.BWD_PLAN)))
     one_pass = lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s, deterministic=False)  # noqa: E731
     out.append(_Variant(one_pass, qkv, None, "ours_bwd_1p"))
     # No scratch for dS: the dQ kernel recomputes it (the "recompute" path).
@@ -222,6 +227,8 @@ _COLS = [
     "ours_fwd",
     "ours_fwd_whole",
     "ours_bwd",
+    "ours_bwd_whole",
+    "ours_bwd_plan",
     "ours_bwd_rc",
     "ours_bwd_tr",
     "ours_bwd_1p",

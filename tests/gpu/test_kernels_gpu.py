@@ -143,6 +143,60 @@ def test_tail_split_forward_is_correct_and_deterministic(nsm, monkeypatch):
             assert err < TOL[torch.bfloat16], f"D={D} {cfg} nsm={nsm}, packed: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("nsm", [5, 7, 16, 40])
+def test_tail_split_backward_is_correct_and_deterministic(nsm, monkeypatch):
+    """The planned dK/dV launch (`_bwd._dkdv_plan`: its last round of key blocks split over the queries, the
+    multiprocessor count it plans for set low so that splits occur), warp-specialized, padded with GQA and packed:
+    all three gradients against float64 and against the 2-D grid, padding rows exactly 0, bitwise the same on a
+    second run."""
+    from scfm_kernels import _bwd, _split
+    from scfm_kernels._bwd import attention_backward
+
+    monkeypatch.setattr(_split, "num_sms", lambda device: nsm)
+    monkeypatch.setattr(_bwd, "BWD_PLAN", True)
+    B, T, H, K = 3, 1500, 4, 2
+    lens = torch.tensor([T, 1, 700], device="cuda", dtype=torch.int32)
+    cu = torch.tensor([0, 700, 701, 701, 1400], device="cuda", dtype=torch.int32)
+    splits = 0
+    real_plan = _split.plan
+
+    def spy(*args):
+        nonlocal splits
+        work = real_plan(*args)
+        B_, H_, n_m, nsm_ = args[3]
+        splits += int(work[_split.grid_size(n_m, B_, H_, nsm_) * int(_split.ROW) + 1].item() > 0)
+        return work
+
+    monkeypatch.setattr(_split, "plan", spy)
+    for D in (64, 128):
+        q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+        bias = -torch.log(lens.float())
+        run = lambda t=(go, q, k, v, lens, bias, D**-0.5): attention_backward(*t, False, T)  # noqa: E731
+        got = run()
+        assert all(torch.equal(a, b) for a, b in zip(got, run())), f"D={D} nsm={nsm}: two runs differ"
+        monkeypatch.setattr(_bwd, "BWD_PLAN", False)
+        whole = run()
+        monkeypatch.setattr(_bwd, "BWD_PLAN", True)
+        for name, t, ref, w in zip(("dq", "dk", "dv"), got, refs, whole):
+            err = _relerr(t, ref)
+            assert err < TOL[torch.bfloat16], f"{name} D={D} nsm={nsm}: relative error {err:.2e}"
+            assert _relerr(t, w.double()) < 4e-3, f"{name} D={D} nsm={nsm}: planned and 2-D grid differ"
+            for b, n in enumerate(lens.tolist()):
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] D={D} nsm={nsm} (padding) is not exactly 0"
+        qp, kp, vp, gp = (t[0, :1400].contiguous() for t in (q, k, v, go))
+        r64 = [t.double().requires_grad_() for t in (qp, kp, vp)]
+        refs_p = torch.autograd.grad(sk.sigmoid_attention_varlen_reference(*r64, cu, 700), r64, gp.double())
+        bias_p = -torch.log((cu[1:] - cu[:-1]).clamp(min=1).float())
+        got_p = attention_backward(gp, qp, kp, vp, cu, bias_p, D**-0.5, True, 700)
+        for name, t, ref in zip(("dq", "dk", "dv"), got_p, refs_p):
+            err = _relerr(t, ref)
+            assert err < TOL[torch.bfloat16], f"{name} D={D} nsm={nsm}, packed: relative error {err:.2e}"
+    assert splits > 0, f"nsm={nsm}: no launch split a key block"
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_warp_specialized_dkdv_launch_is_correct(D):
     """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its

@@ -151,11 +151,12 @@ def test_the_cost_rule_splits_a_short_last_round_and_leaves_a_full_one():
     assert tail == [1408 - 88, 88, 3]
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen):
+@pytest.mark.parametrize(("varlen", "D", "paired"), [(False, 16, False), (True, 16, False), (False, 48, True)])
+def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen, D, paired):
     """Partials of the split tiles added into the output in part order; padding rows of a padded batch become 0,
-    the rows of tiles that ran whole are untouched."""
-    rows, D, H, nsm = 128, 16, 2, 7
+    the rows of tiles that ran whole are untouched. paired: the backward's layout, each piece's dK partial then
+    its dV partial (the second half finished here, piece stride 2·rows·D), at a head dim that is no power of 2."""
+    rows, H, nsm = 128, 2, 7
     lens = [130, 300]  # 2 + 3 tiles per head, longest first: 10 tiles, r = 3 → s = 2 (one round of halves)
     B, T = len(lens), max(lens)
     if varlen:
@@ -172,10 +173,15 @@ def test_finish_adds_the_parts_in_order_and_zeroes_padding(varlen):
     ranked = [(b, h, m) for b in (1, 0) for h in range(H) for m in range(triton.cdiv(lens[b], rows))]
     r, s = len(ranked) % nsm, 2
     assert r == 3 and _expected_s(r, nsm, lens[0]) == s
-    part = torch.randn(S_MAX * nsm * rows * D)
+    halves = 2 if paired else 1
+    part = torch.randn(S_MAX * nsm * halves * rows * D)
     meta = dict(TILE_ROWS=rows, HEAD_DIM=D, VARLEN=varlen)
-    _split.finish_fwd((o, *strides), part, work, (T, H, nsm, total), meta)
-    pieces = part.view(-1, rows, D)
+    if paired:
+        _split.finish((o, *strides), part[rows * D :], work, (T, nsm, total), meta, 2 * rows * D)
+        pieces = part.view(-1, 2, rows, D)[:, 1]
+    else:
+        _split.finish((o, *strides), part, work, (T, nsm, total), meta)
+        pieces = part.view(-1, rows, D)
     for i, (b, h, m) in enumerate(ranked[-r:]):
         want = pieces[i * s] + pieces[i * s + 1]
         n = lens[b]
@@ -196,3 +202,103 @@ def test_a_plan_refuses_batches_it_cannot_hold():
     seq = torch.full((_split.PLAN_MAX_B + 1,), 10, dtype=torch.int32)
     with pytest.raises(ValueError, match=rf"1 to {_split.PLAN_MAX_B} sequences, got B={_split.PLAN_MAX_B + 1}"):
         _split.plan(seq, False, 10, (_split.PLAN_MAX_B + 1, 1, 1, 4), 64)
+
+
+def _backward(lens, H, K, D, dtype, varlen, planned, monkeypatch, seed=0):
+    """(dq, dk, dv) of one backward through the public functions (dK/dV launch planned or the 2-D grid), with the
+    inputs (fresh each seed) and the float64 reference's gradients."""
+    import scfm_kernels as sk
+    from scfm_kernels import _bwd
+
+    monkeypatch.setattr(_bwd, "BWD_PLAN", planned)
+    gen = torch.Generator().manual_seed(seed)
+    T = max(lens)
+    if varlen:
+        n = sum(lens)
+        q, k, v = (torch.randn(n, h, D, generator=gen).to(dtype) for h in (H, K, K))
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        run = lambda *t: sk.sigmoid_attention_varlen(*t, cu, T)  # noqa: E731
+        ref = lambda *t: sk.sigmoid_attention_varlen_reference(*t, cu, T)  # noqa: E731
+    else:
+        q, k, v = (torch.randn(len(lens), T, h, D, generator=gen).to(dtype) for h in (H, K, K))
+        seq_lens = torch.tensor(lens, dtype=torch.int32)
+        run = lambda *t: sk.sigmoid_attention(*t, seq_lens)  # noqa: E731
+        ref = lambda *t: sk.sigmoid_attention_reference(*t, seq_lens)  # noqa: E731
+    go = torch.randn(q.shape, generator=gen).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(run(*leaves), leaves, go)
+    r64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(ref(*r64), r64, go.double())
+    return got, want
+
+
+def _spy_plans(monkeypatch) -> list[list[int]]:
+    """The tails (first split rank, split tiles, s) of the work tables the backward plans, read after it ran."""
+    from scfm_kernels import _bwd
+
+    tables = []
+    real = _split.plan
+
+    def spy(seq, varlen, t_max, dims, tile_rows):
+        work = real(seq, varlen, t_max, dims, tile_rows)
+        tables.append((work, _split.grid_size(dims[2], dims[0], dims[1], dims[3])))
+        return work
+
+    monkeypatch.setattr(_split, "plan", spy)
+    monkeypatch.setattr(_bwd._split, "plan", spy)
+    return tables
+
+
+@pytest.mark.parametrize(
+    ("varlen", "dtype", "D", "path"),
+    [
+        (False, torch.float32, 16, "recompute"),  # pointer loads
+        (True, torch.bfloat16, 16, "recompute"),  # descriptor loads
+        (False, torch.bfloat16, 112, "stored"),  # dSᵀ to the scratch, at each pair's place in it
+    ],
+)
+def test_the_planned_backward_splits_the_last_key_blocks_and_matches(varlen, dtype, D, path, monkeypatch):
+    """The dK/dV launch planned on the interpreter's 4 multiprocessors (`_split.CPU_SMS`): 12 + 9 key blocks of 16
+    rows, so the last one runs in halves over the queries (the cost rule at 130 rows) and `_split.finish` adds
+    their partials. GQA, an empty sequence, blocks past the ends, NaN-poisoned outputs: all three gradients match
+    float64 and the 2-D grid's (within the partials' summation order), padding rows are exactly 0, and two planned
+    runs agree to the bit."""
+    from scfm_kernels import _bwd, _common
+
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    paths = []
+    real_pick = _bwd.pick_dq_path
+    monkeypatch.setattr(_bwd, "pick_dq_path", lambda *a, **k: paths.append(real_pick(*a, **k)[0]) or real_pick(*a, **k))
+    tables = _spy_plans(monkeypatch)
+    lens, H, K = [192, 0, 130], 2, 1
+    planned, want = _backward(lens, H, K, D, dtype, varlen, True, monkeypatch)
+    assert paths == [path] and len(tables) == 1, (paths, len(tables))
+    work, total = tables[0]
+    row = int(_split.ROW)
+    assert work[total * row :][:3].tolist() == [20, 1, 2], "not the last key block in halves"
+    again, _ = _backward(lens, H, K, D, dtype, varlen, True, monkeypatch)
+    whole, _ = _backward(lens, H, K, D, dtype, varlen, False, monkeypatch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b, c, w in zip(("dq", "dk", "dv"), planned, again, whole, want):
+        assert not torch.isnan(a).any(), f"{name}: NaN left by the planned launch (an element never written)"
+        assert torch.equal(a, b), f"{name}: two planned runs differ"
+        for got, what in ((a, "planned"), (c, "2-D grid")):
+            err = ((got.double() - w).norm() / w.norm()).item()
+            assert err < tol, f"{name} ({what}): relative error {err:.2e} against float64"
+        assert ((a.double() - c.double()).norm() / c.double().norm()).item() < tol / 4, f"{name}: planned ≠ 2-D"
+        if not varlen:
+            for b_, n in enumerate(lens):
+                assert torch.all(a[b_, n:] == 0), f"{name}[{b_}, {n}:] (padding) is not exactly 0"
+
+
+def test_a_planned_backward_without_a_split_gives_the_2d_grids_gradients_bit_for_bit(monkeypatch):
+    """Lengths 37, 0, 1 and 20 (12 key blocks: four full rounds, nothing split): the planned order alone changes
+    no bit of any gradient."""
+    tables = _spy_plans(monkeypatch)
+    lens = [37, 0, 1, 20]
+    planned, _ = _backward(lens, 4, 2, 16, torch.bfloat16, False, True, monkeypatch)
+    work, total = tables[0]
+    assert work[total * int(_split.ROW) + 1].item() == 0, "a key block was split"
+    whole, _ = _backward(lens, 4, 2, 16, torch.bfloat16, False, False, monkeypatch)
+    for name, a, b in zip(("dq", "dk", "dv"), planned, whole):
+        assert torch.equal(a, b), f"{name}: planned and 2-D grid differ by {(a - b).abs().max():.3g}"

@@ -76,8 +76,9 @@ for d in _fwd_ws.HEAD_DIMS:
                         wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
                         mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="fwd"))
     for c in _bwd_ws.dkdv_ws_configs(d):
-        for group, varlen, sig in ((1, False, 1), (2, True, 1), (1, False, 3)):
-            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, sig=sig)
+        for group, varlen, sig, planned in ((1, False, 1, True), (2, True, 1, True), (1, False, 3, True),
+                                            (1, False, 1, False)):  # fmt: skip
+            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, sig=sig, planned=planned)
             ptx = r["ptx"]
             out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
                             wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
@@ -87,12 +88,12 @@ json.dump(out, sys.stdout)
 
 
 def test_every_launch_compiles_for_hopper_without_spills():
-    """Every launch of the warp-specialized forward (planned, the default; one launch also without) and
-    dK/dV kernels, ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled
+    """Every launch of the warp-specialized forward and dK/dV kernels (planned, the default; one launch each
+    also without), ptxas for sm_90 in a process without the interpreter: no stack or local memory (spilled
     registers), shared memory within the limit, warp-group products, register reallocation and mbarrier waits in
     the PTX."""
     results = _json_without_interpreter(_COMPILE)
-    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 3 + 3 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
+    want = sum(len(_fwd_ws.fwd_ws_configs(d)) + 3 + 4 * len(_bwd_ws.dkdv_ws_configs(d)) for d in _fwd_ws.HEAD_DIMS)
     assert len(results) == want
     for r in results:
         what = f"{r['kernel']} D={r['d']} {r['dtype']} varlen={r['varlen']} {r['config']}"
@@ -109,19 +110,22 @@ base = dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, VARLEN=False, DOT_MODE=0, USE_TM
 runs = [("fwd", _fwd._fwd_kernel, _fwd._fwd_configs()[0], dict(FAST_SIGMOID=False, WS=False, SIG=3)),
         ("dkdv", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=0)),
         ("dkdv+ds", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=1)),
+        ("dkdv+plan", _bwd._dkdv_kernel, _bwd._dkdv_configs()[0], dict(SIG=1, STORE_DS=1, PLANNED=1)),
         ("dq", _bwd._dq_kernel, _bwd._dq_configs()[0], dict(SIG=1)),
         ("dq_ds", _bwd._dq_ds_kernel, _bwd._dq_ds_configs()[0], {})]
 out = {}
 for name, kernel, c, extra in runs:
     r = _common.compile_sm90(kernel, {**base, **c.kwargs, **extra}, num_warps=c.num_warps, num_stages=c.num_stages)
     out[name] = dict(resources=r["resources"], ex2="ex2.approx.ftz.f32" in r["ptx"], wgmma="wgmma" in r["ptx"])
-finish = dict(TILE_ROWS=192, HEAD_DIM=128, ROWS=64, VARLEN=False)
-r = _common.compile_sm90(_split._finish_fwd, finish, num_warps=4)
+finish = dict(TILE_ROWS=192, HEAD_DIM=128, BLOCK_D=128, ROWS=64, VARLEN=False)
+r = _common.compile_sm90(_split._finish, finish, num_warps=4)
 out["finish"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
 for block_b, block_p, warps in ((16, 256, 4), (32, 128, 4), (64, 64, 8)):  # the launches `_split.plan` makes
     plan = dict(VARLEN=False, TILE_ROWS=192, S_MAX=_split.S_MAX, C_FIX=_split.C_FIX, BLOCK_B=block_b, BLOCK_P=block_p)
     r = _common.compile_sm90(_split._plan_kernel, plan, num_warps=warps)
     out[f"plan{block_b}"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
+r = _common.compile_sm90(_split._plan_kernel, dict(plan, TILE_ROWS=128), num_warps=4)  # the backward's key blocks
+out["plan_keys"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
 json.dump(out, sys.stdout)
 """
 
@@ -130,9 +134,10 @@ def test_the_triton_kernels_compile_for_hopper():
     """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
     float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
     got = _json_without_interpreter(_COMPILE_TRITON)
-    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dq", "dq_ds", "finish", "plan16", "plan32", "plan64"}
+    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dkdv+plan", "dq", "dq_ds", "finish", "plan16", "plan32", "plan64",
+                        "plan_keys"}  # fmt: skip
     assert got.pop("finish")["stores"], "the planned launch's finishing kernel stores nothing"
-    for b in (16, 32, 64):
+    for b in (16, 32, 64, "_keys"):
         plan = got.pop(f"plan{b}")
         assert plan["stores"] and "STACK:0 " in plan["resources"], f"plan kernel, {b} sequences: {plan['resources']}"
     for name, r in got.items():
