@@ -156,7 +156,9 @@ def _dkdv_kernel(
     first, the last round's key blocks in parts over the queries, key blocks past the ends last), PAIR0 = 0; a
     part writes float32 partial dK (scaled) and dV to PART (`_split.finish` adds them)."""
     if PLANNED:
-        b, hk, pid_n, part, n_parts, piece, start, n, bias_log2 = key_work(WORK, BIAS, tl.program_id(0), T_MAX)
+        b, hk, pid_n, part, n_parts, piece, start, n, bias_log2 = key_work(
+            WORK, BIAS, tl.program_id(0), tl.cdiv(T_MAX, BLOCK_N)
+        )
         pair = b * HK + hk
         qb0, qb1 = part_blocks(n, part, n_parts, BLOCK_M, KEY_UNIT)
     else:

@@ -173,7 +173,9 @@ if gluon is not None:
     ):  # fmt: skip
         """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only), PLANNED as there."""
         if PLANNED:
-            b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(WORK, BIAS, gl.program_id(0), T_MAX)
+            b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(
+                WORK, BIAS, gl.program_id(0), gl.cdiv(T_MAX, NUM_CONSUMERS * 64)
+            )
             pair = b * HK + hk
             qb0, qb1 = part_blocks(n, part, n_parts, BLOCK_M, KEY_UNIT)
         else:

@@ -141,15 +141,15 @@ def work_item(WORK, pid):
 
 
 @triton.jit
-def key_work(WORK, BIAS, pid, T_MAX):
+def key_work(WORK, BIAS, pid, N_TILES):
     """What program pid of a planned key-side launch (the backward's dK/dV over (batch, key head) pairs, split
     along the queries) works on: (b, key head, key tile, part, parts, piece, the sequence's first row and length,
-    −bias·log2 e). A program with nothing to do gets length 0 and a key tile past T_MAX: it loads and stores
-    nothing."""
+    −bias·log2 e). A program with nothing to do gets length 0 and key tile N_TILES, past the last (whose rows
+    start past T_MAX): it loads and stores nothing."""
     b, hk, m, part, parts, piece, n, start = work_item(WORK, pid)
     idle = piece == -2
     b = b.to(tl.int64)
-    return b, hk, tl.where(idle, T_MAX, m), part, parts, piece, start, tl.where(idle, 0, n), bias_term(BIAS, b)
+    return b, hk, tl.where(idle, N_TILES, m), part, parts, piece, start, tl.where(idle, 0, n), bias_term(BIAS, b)
 
 
 @triton.jit
