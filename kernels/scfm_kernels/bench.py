@@ -13,9 +13,8 @@ Triton dK/dV kernel (SCFM_KERNELS_BWD=triton) where that path is its default too
 forward without the planned launch (SCFM_KERNELS_TAIL_SPLIT=0: one program per tile in a 2-D grid, no tail split,
 no longest-first order; `_split`); `ours_bwd_plan` / `ours_bwd_whole`: the backward with its dK/dV launch
 planned (longest first, the last round's key blocks split over the queries) or in the 2-D grid, whichever
-SCFM_KERNELS_BWD_PLAN does not choose. TFLOPS use the
-FlashAttention convention: 4·B·H·L²·D forward, 2.5× that backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are
-`triton.testing.do_bench` medians.
+SCFM_KERNELS_BWD_PLAN does not choose. TFLOPS use the FlashAttention convention: 4·B·H·L²·D forward, 2.5× that
+backward; padded batches credit Σᵢ 4·H·D·nᵢ². Times are `triton.testing.do_bench` medians.
 Side by side, at the same bias: PyTorch SDPA (flash and cuDNN backends, softmax, dense shapes only) and
 TritonSigmoid (the `triton_sigmoid` package, when importable). Also measures the exact sigmoid against the
 hardware-tanh form: error at realistic logits and forward speed.
@@ -160,7 +159,9 @@ def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, al
         if seq is None:
             ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
         else:
-            ts_fn = lambda q=q, k=k, v=v, s=lens: ts.sigmoid_attention_padded(q, k, v, seq_lens_k=s, seq_lens_q=s)  # noqa: E731
+            ts_fn = lambda q=q, k=k, v=v, s=lens: ts.sigmoid_attention_padded(  # noqa: E731
+                q, k, v, seq_lens_k=s, seq_lens_q=s
+            )
         out.append(_Variant(ts_fn, qkv, "ts_fwd", "ts_bwd"))
     if compare and seq is None:
         qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in qkv)
