@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
 
 import torch
 import triton
@@ -654,7 +653,7 @@ def attention_backward(
     if kcfg is not None:
         kcfg.pop("KERNEL", None)
     key_rows = _bwd_ws.KEY_ROWS if ws else (kcfg or fixed or {}).get("BLOCK_N")
-    plan = _dkdv_plan(seq, varlen, t_max, (B, HK, D), chunk, key_rows, q.device)
+    plan = _dkdv_plan(seq, varlen, t_max, (B, HK, D), chunk, key_rows)
     kmeta["PLANNED"] = int(plan is not None)
     for pair0 in range(0, pairs, max(chunk, 1)):  # no pairs (B = 0): no launch
         c = min(chunk, pairs - pair0)
@@ -688,17 +687,6 @@ def attention_backward(
     return dq, dk, dv
 
 
-class _KeyPlan(NamedTuple):
-    """A planned dK/dV launch: its work table, the split key blocks' float32 partials (piece i: dK at
-    part[2·i·rows·D], dV rows·D after it), its grid size, multiprocessors and key rows per program."""
-
-    work: torch.Tensor
-    part: torch.Tensor
-    total: int
-    nsm: int
-    rows: int
-
-
 def _dkdv_plan(
     seq: torch.Tensor,
     varlen: bool,
@@ -706,8 +694,7 @@ def _dkdv_plan(
     dims: tuple[int, int, int],
     chunk: int,
     key_rows: int | None,
-    device: torch.device,
-) -> _KeyPlan | None:
+) -> _split.Plan | None:
     """The dK/dV launch planned (`_split.plan` over the (batch, key head) pairs: longest sequences first, the last
     round's key blocks in parts over the queries, key blocks past the ends last), or None for the 2-D grid:
     SCFM_KERNELS_BWD_PLAN=0, a batch past `_split.PLAN_MAX_B` sequences, pairs in more than one launch (a scratch
@@ -716,11 +703,8 @@ def _dkdv_plan(
     B, HK, D = dims
     if not BWD_PLAN or key_rows is None or not 1 <= B <= _split.PLAN_MAX_B or chunk < B * HK:
         return None
-    nsm = _split.num_sms(device)
-    n_k = triton.cdiv(t_max, key_rows)
-    work = _split.plan(seq, varlen, t_max, (B, HK, n_k, nsm), key_rows)
-    part = _split.scratch(nsm, 2 * key_rows, D, device)
-    return _KeyPlan(work, part, _split.grid_size(n_k, B, HK, nsm), nsm, key_rows)
+    # Each piece's partials: the key block's dK, then its dV (`_split.finish` reads the two halves).
+    return _split.prepare(seq, varlen, t_max, (B, HK, triton.cdiv(t_max, key_rows)), key_rows, 2 * key_rows, D)
 
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:

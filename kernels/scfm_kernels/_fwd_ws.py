@@ -383,14 +383,11 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
     split = int(bool(planned) and 1 <= B <= _split.PLAN_MAX_B)
     rows = tile_rows(meta["HEAD_DIM"], cfg)
     n_m = triton.cdiv(t_max, rows)
-    q, o, seq, bias = args[0], args[3], args[4], args[5]
+    o, seq, bias = args[3], args[4], args[5]
     if split:
-        nsm = _split.num_sms(q.device)
-        total = _split.grid_size(n_m, B, H, nsm)
-        work = _split.plan(seq, meta["VARLEN"], t_max, (B, H, n_m, nsm), rows)
-        part = _split.scratch(nsm, rows, meta["HEAD_DIM"], q.device)
-        tail = (work, part)
-        grid = (total,)
+        plan = _split.prepare(seq, meta["VARLEN"], t_max, (B, H, n_m), rows, rows, meta["HEAD_DIM"])
+        tail = (plan.work, plan.part)
+        grid = (plan.total,)
     else:
         tail = (seq, bias)  # unused, of the pointer types the kernel declares
         grid = (n_m, B * H)
@@ -408,7 +405,7 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
         _fwd_ws_kernel[grid](*args, *tail, **keep, **cfg, SPLIT=split, TRACING=int(tracing), num_warps=4)
     if split:
         finish = dict(TILE_ROWS=rows, HEAD_DIM=meta["HEAD_DIM"], VARLEN=meta["VARLEN"])
-        _split.finish((o, *args[16:19]), part, work, (t_max, nsm, total), finish)
+        _split.finish((o, *args[16:19]), plan.part, plan.work, (t_max, plan.nsm, plan.total), finish)
 
 
 def compile_sm90(

@@ -33,6 +33,7 @@ Batches of more than PLAN_MAX_B sequences run the plain 2-D grid (`_fwd_ws.launc
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -234,6 +235,29 @@ def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int,
         num_warps=8 if block_b >= 64 else 4,
     )  # fmt: skip
     return work
+
+
+class Plan(NamedTuple):
+    """A planned launch: its work table, the split tiles' float32 partials, its grid size, the multiprocessors it
+    was planned for and its rows per tile."""
+
+    work: torch.Tensor
+    part: torch.Tensor
+    total: int
+    nsm: int
+    rows: int
+
+
+def prepare(
+    seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int], rows: int, piece_rows: int, head_dim: int
+) -> Plan:
+    """Everything a planned launch needs, on seq's device: the work table (`plan`) for dims (B, heads, tiles per
+    sequence) of `rows` rows each, and scratch for partials of piece_rows × head_dim float32 values per piece
+    (the forward's: one tile; the backward's: a key block's dK and dV)."""
+    B, H, n_m = dims
+    nsm = num_sms(seq.device)
+    work = plan(seq, varlen, t_max, (B, H, n_m, nsm), rows)
+    return Plan(work, scratch(nsm, piece_rows, head_dim, seq.device), grid_size(n_m, B, H, nsm), nsm, rows)
 
 
 def scratch(nsm: int, tile_rows: int, head_dim: int, device: torch.device) -> torch.Tensor:
