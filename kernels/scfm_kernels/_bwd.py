@@ -10,8 +10,7 @@ atomics. At head dims 97-128 (16-bit inputs on tensor-descriptor hardware) the d
 pair's 16-bit dSᵀ tile in a bounded scratch buffer and `_dq_ds_kernel` streams it once against K instead of the
 dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64); on
 Hopper the warp-specialized dK/dV kernel (`_bwd_ws`) serves that path, at D = 64 too.
-With SCFM_KERNELS_BWD_PLAN=1 (opt-in, not yet measured on the GPU) the dK/dV launch is planned where its key
-block is known before it starts (the warp-specialized kernel, a fixed launch): one program per row of
+By default the dK/dV launch is planned where its key block is known before it starts (the warp-specialized kernel, a fixed launch): one program per row of
 `_split.plan`'s work table, longest sequences first, the last round's key blocks in 2-4 parts over the queries
 with float32 partial dK and dV that `_split.finish` adds in a fixed order (deterministic), the blocks past the
 ends last.
@@ -52,8 +51,8 @@ from ._tile import LOG2E, key_head, mma, query_head, seq_bounds, sigmoid_parts
 # Triton kernel of this module.
 BWD_KERNEL = os.environ.get("SCFM_KERNELS_BWD", "ws")
 # The dK/dV launch planned (`_dkdv_plan`: longest sequences first, the last round's key blocks split over the
-# queries): opt-in with SCFM_KERNELS_BWD_PLAN=1 until the GPU has measured it; the 2-D grid by default.
-BWD_PLAN = os.environ.get("SCFM_KERNELS_BWD_PLAN", "0") == "1"
+# queries) by default, 1.03-1.08x the 2-D grid's backward (run 19); SCFM_KERNELS_BWD_PLAN=0 keeps the 2-D grid.
+BWD_PLAN = os.environ.get("SCFM_KERNELS_BWD_PLAN", "1") != "0"
 
 
 @triton.jit

@@ -155,7 +155,9 @@ def test_tail_split_backward_is_correct_and_deterministic(nsm, monkeypatch):
     monkeypatch.setattr(_split, "num_sms", lambda device: nsm)
     monkeypatch.setattr(_bwd, "BWD_PLAN", True)
     B, T, H, K = 3, 1500, 4, 2
-    lens = torch.tensor([T, 1, 700], device="cuda", dtype=torch.int32)
+    # Lengths whose last round holds few enough long key blocks that the plan splits at every nsm here (a 1-token
+    # sequence, last in the launch, would make the last round's blocks too short to split).
+    lens = torch.tensor([T, 700, 1000], device="cuda", dtype=torch.int32)
     cu = torch.tensor([0, 700, 701, 701, 1400], device="cuda", dtype=torch.int32)
     splits = 0
     real_plan = _split.plan
