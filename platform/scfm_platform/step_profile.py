@@ -13,6 +13,9 @@ elementwise/reduction kernels, embedding lookups and their scatter-add backward,
 Host phases: a loop that wraps its parts in `phase("name")` gets their host (CPU) wall time per step as rows of
 category "host phase" (kept out of the kernel sums): where the GPU's idle time comes from when the host is behind.
 The profiler's own per-op cost inflates them; compare phases with each other, not with the unprofiled step.
+
+Idle gaps: the stretches where the device runs no kernel (on CPU: no op), grouped by the kernels on either side
+(`idle_gaps`), as rows of category "idle gap" (kept out of the sums too): which hand-over leaves the GPU waiting.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 HOST = "host phase"
+GAP = "idle gap"
 _PHASE = "phase: "
+_KEPT_OUT = (HOST, GAP)  # row categories that are not kernel time
 
 
 def phase(name: str) -> record_function:
@@ -124,23 +129,63 @@ def _rows(prof: profile, steps: int, device: torch.device) -> list[dict[str, flo
         if us <= 0:
             continue
         rows.append({"name": ev.key, "ms": us / 1e3 / steps, "calls": ev.count / steps, "category": category(ev.key)})
-    return sorted(rows, key=lambda r: -r["ms"]) + host
+    gaps = idle_gaps([(ev.time_range.start, ev.time_range.end, ev.key) for ev in _timeline(prof, cuda)], steps)
+    return sorted(rows, key=lambda r: -r["ms"]) + host + gaps
+
+
+def _timeline(prof: profile, cuda: bool) -> list:
+    """The profiled kernels (CUDA) or ops (CPU); host phases and other annotated ranges (`record_function`, a
+    compiled region's marker), which span idle time as well as work, left out."""
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return [
+        ev
+        for ev in prof.events()
+        if ev.device_type == want and not getattr(ev, "is_user_annotation", False) and not ev.key.startswith(_PHASE)
+    ]
+
+
+def idle_gaps(
+    spans: list[tuple[float, float, str]], steps: int, min_us: float = 20.0, top: int = 8
+) -> list[dict[str, float | str]]:
+    """The device's idle time between busy spans (start µs, end µs, name; they may overlap or nest): gaps of at
+    least min_us, grouped by (the span that ended last before it, the span that starts it), the `top` groups by
+    total time, as rows of category GAP: ms and count per step, named "after A -> before B". A last row "(all
+    gaps)" holds every gap's total, small ones included."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    total = 0.0
+    end, last = None, ""
+    for start, stop, name in sorted(spans):
+        if end is not None and start > end:
+            total += start - end
+            if start - end >= min_us:
+                groups.setdefault((last, name), []).append(start - end)
+        if end is None or stop >= end:
+            end, last = stop, name
+    out = [
+        {"name": f"after {a[:50]} -> before {b[:50]}", "ms": sum(g) / 1e3 / steps, "calls": len(g) / steps,
+         "category": GAP}
+        for (a, b), g in groups.items()
+    ]  # fmt: skip
+    if not spans:
+        return []
+    whole = {"name": "(all gaps)", "ms": total / 1e3 / steps, "calls": 0.0, "category": GAP}
+    return [*sorted(out, key=lambda r: -r["ms"])[:top], whole]
 
 
 def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
     """Milliseconds per step per kernel category, largest first (host phases left out)."""
     out: dict[str, float] = {}
     for r in rows:
-        if r["category"] == HOST:
+        if r["category"] in _KEPT_OUT:
             continue
         out[str(r["category"])] = out.get(str(r["category"]), 0.0) + float(r["ms"])
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def format_profile(rows: list[dict[str, float | str]], step_ms: float, top: int = 12) -> str:
-    """A table of categories (ms per step, share of the timed step), the `top` longest kernels and, when the loop
-    marked them, its host phases (CPU wall ms per step)."""
-    kernels = [r for r in rows if r["category"] != HOST]
+    """A table of categories (ms per step, share of the timed step), the `top` longest kernels, the longest idle
+    gaps between kernels and, when the loop marked them, its host phases (CPU wall ms per step)."""
+    kernels = [r for r in rows if r["category"] not in _KEPT_OUT]
     lines = [f"{'category':<26} {'ms/step':>9} {'% step':>7}"]
     for cat, ms in by_category(kernels).items():
         lines.append(f"{cat:<26} {ms:9.2f} {100 * ms / step_ms:6.1f}%")
@@ -150,6 +195,10 @@ def format_profile(rows: list[dict[str, float | str]], step_ms: float, top: int 
     lines.append(f"{'ms/step':>9} {'calls':>6}  kernel")
     for r in kernels[:top]:
         lines.append(f"{float(r['ms']):9.2f} {float(r['calls']):6.0f}  {str(r['name'])[:110]}")
+    gaps = [r for r in rows if r["category"] == GAP]
+    if gaps:
+        lines += ["", f"{'idle ms/step':>12} {'count':>6}  gap (the device runs nothing)"]
+        lines += [f"{float(r['ms']):12.2f} {float(r['calls']):6.1f}  {str(r['name'])[:110]}" for r in gaps]
     host = [r for r in rows if r["category"] == HOST]
     if host:
         lines += ["", f"{'host ms/step':>12}  phase (CPU wall time, profiler overhead included)"]

@@ -115,3 +115,61 @@ def test_host_phases_are_rows_of_their_own_and_stay_out_of_the_kernel_sums():
     text = format_profile(rows, window.step_ms)
     assert "phase (CPU wall time" in text
     assert any(line.strip().endswith("sleep") for line in text.splitlines())
+
+
+def test_idle_gaps_group_the_device_idle_time_by_the_kernels_around_it():
+    from scfm_platform.step_profile import GAP, idle_gaps
+
+    spans = [
+        (0, 100, "a"), (10, 50, "nested"),  # nested inside a: no gap
+        (130, 200, "b"),  # 30 µs after a
+        (205, 300, "a"),  # 5 µs: counted in the total only
+        (290, 320, "c"),  # overlaps: no gap
+        (420, 500, "b"),  # 100 µs after c
+        (530, 600, "b"),  # 30 µs after b
+    ]  # fmt: skip
+    rows = idle_gaps(spans, steps=2, min_us=20)
+    assert all(r["category"] == GAP for r in rows)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["after c -> before b"]["ms"] == 100 / 1e3 / 2
+    assert by_name["after a -> before b"]["ms"] == 30 / 1e3 / 2
+    assert by_name["after b -> before b"]["calls"] == 0.5
+    assert rows[0]["name"] == "after c -> before b"  # the longest group first
+    assert by_name["(all gaps)"]["ms"] == (30 + 5 + 100 + 30) / 1e3 / 2
+    assert idle_gaps([], steps=1) == []
+
+
+def test_the_profile_reports_idle_gaps_between_ops_and_keeps_them_out_of_the_sums():
+    import torch
+
+    from scfm_platform.step_profile import GAP, StepWindow, format_profile
+
+    a = torch.randn(128, 128)
+    window = StepWindow(torch.device("cpu"), after=0, steps=1)
+    window.begin(0)
+    a = a @ a.T
+    time.sleep(0.03)  # no op runs: a gap of ≥ 30 ms between the two products
+    a = a @ a.T
+    rows = window.end(1)
+    gaps = {r["name"]: r for r in rows if r["category"] == GAP}
+    assert gaps["(all gaps)"]["ms"] >= 29
+    assert max(r["ms"] for name, r in gaps.items() if name != "(all gaps)") >= 29
+    assert GAP not in by_category(rows)
+    assert "gap (the device runs nothing)" in format_profile(rows, window.step_ms)
+
+
+def test_an_annotated_range_does_not_hide_an_idle_gap():
+    import torch
+    from torch.profiler import record_function
+
+    from scfm_platform.step_profile import GAP, StepWindow
+
+    a = torch.randn(128, 128)
+    window = StepWindow(torch.device("cpu"), after=0, steps=1)
+    window.begin(0)
+    with record_function("a compiled region"):
+        a = a @ a.T
+        time.sleep(0.03)
+        a = a @ a.T
+    rows = window.end(1)
+    assert next(r["ms"] for r in rows if r["category"] == GAP and r["name"] == "(all gaps)") >= 29
