@@ -10,10 +10,11 @@ atomics. At head dims 97-128 (16-bit inputs on tensor-descriptor hardware) the d
 pair's 16-bit dSᵀ tile in a bounded scratch buffer and `_dq_ds_kernel` streams it once against K instead of the
 dQ kernel recomputing S, P and dP (`pick_dq_path`; 4-11% faster at D = 128 on the H200, slower at D = 64); on
 Hopper the warp-specialized dK/dV kernel (`_bwd_ws`) serves that path, at D = 64 too.
-By default the dK/dV launch is planned where its key block is known before it starts (the warp-specialized kernel, a fixed launch): one program per row of
-`_split.plan`'s work table, longest sequences first, the last round's key blocks in 2-4 parts over the queries
-with float32 partial dK and dV that `_split.finish` adds in a fixed order (deterministic), the blocks past the
-ends last.
+By default the dK/dV launch is planned where its key block is known before it starts (the warp-specialized
+kernel, a fixed launch): one program per row of `_split.plan`'s work table, longest sequences first, the last
+round's key blocks in 2-4 parts over the queries with float32 partial dK and dV that `_split.finish` adds in a
+fixed order (deterministic), the blocks past the ends last: 1.03-1.08x the 2-D grid's backward at D = 128 on the
+H200 (docs/benchmarks.md, run 19); SCFM_KERNELS_BWD_PLAN=0 keeps the 2-D grid.
 Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV kernel also
 computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
 tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.

@@ -150,7 +150,9 @@ def idle_gaps(
     """The device's idle time between busy spans (start µs, end µs, name; they may overlap or nest): gaps of at
     least min_us, grouped by (the span that ended last before it, the span that starts it), the `top` groups by
     total time, as rows of category GAP: ms and count per step, named "after A -> before B". A last row "(all
-    gaps)" holds every gap's total, small ones included."""
+    gaps)" holds every gap's total, small ones included; no spans, no rows."""
+    if not spans:
+        return []
     groups: dict[tuple[str, str], list[float]] = {}
     total = 0.0
     end, last = None, ""
@@ -166,14 +168,12 @@ def idle_gaps(
          "category": GAP}
         for (a, b), g in groups.items()
     ]  # fmt: skip
-    if not spans:
-        return []
     whole = {"name": "(all gaps)", "ms": total / 1e3 / steps, "calls": 0.0, "category": GAP}
     return [*sorted(out, key=lambda r: -r["ms"])[:top], whole]
 
 
 def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
-    """Milliseconds per step per kernel category, largest first (host phases left out)."""
+    """Milliseconds per step per kernel category, largest first (host phases and idle gaps left out)."""
     out: dict[str, float] = {}
     for r in rows:
         if r["category"] in _KEPT_OUT:
