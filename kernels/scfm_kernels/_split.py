@@ -17,9 +17,9 @@ N_M·B·H + (S_MAX − 1)·NSM programs, in this order:
   - the whole tiles, sequences longest first (a stable order by length, so that the last round holds the shortest
     tiles), then heads, then query tiles;
   - the r·s pieces of the last r tiles (tile by tile, part by part); s ∈ 1 … S_MAX, the smallest that minimises
-    ⌈r·s/NSM⌉·(2⌈u/s⌉ + C_FIX), u the last tile's keys in KEY_UNITs (two 64-key blocks each) and C_FIX a
-    tile's fixed cost in 64-key blocks, so pieces may take more than one round (r = 88 of 132 tiles of 4K keys:
-    s = 3, two rounds of thirds);
+    ⌈r·s/NSM⌉·(2⌈u/s⌉ + C_FIX), u the keys of the last round's longest tile (the first of the last r) in
+    KEY_UNITs (two 64-key blocks each) and C_FIX a tile's fixed cost in 64-key blocks, so pieces may take more
+    than one round (r = 88 of 132 tiles of 4K keys: s = 3, two rounds of thirds);
   - the tiles past each sequence's end (padded layout only), which only write zeros, where multiprocessors
     idle at the end instead of between real tiles;
   - programs with nothing to do.
@@ -90,8 +90,9 @@ def _plan_kernel(
     E = tl.sum(empty_s, 0)
     # Pieces per split tile: the fewest that minimise the modelled time of the last r tiles.
     r = N % NSM
-    last = tl.max(tl.where(t_s > 0, bi, -1), 0)  # the slot of the last tile launched
-    units = (tl.sum(tl.where(bi == last, n_s, 0), 0) + 127) // 128
+    # The last round's time is its longest tile's: the first of the last r (sequences run longest first).
+    head = tl.minimum(tl.sum((cum <= N - r).to(tl.int32), 0), tl.maximum(B - 1, 0))
+    units = (tl.sum(tl.where(bi == head, n_s, 0), 0) + 127) // 128
     best_s = 1
     best = (2 * units + C_FIX) * 1.0
     for s_try in tl.static_range(2, S_MAX + 1):

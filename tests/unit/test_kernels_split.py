@@ -26,11 +26,11 @@ def _part_blocks(n: int, part: int, s: int, block_n: int) -> tuple[int, int]:
     return lo, max(hi, lo)
 
 
-def _expected_s(r: int, nsm: int, last_keys: int) -> int:
-    """The fewest pieces that minimise the modelled time of the last r tiles."""
+def _expected_s(r: int, nsm: int, keys: int) -> int:
+    """The fewest pieces that minimise the modelled time of the last r tiles, the longest of which has `keys`."""
     if r == 0:
         return 1
-    units = -(-last_keys // int(_split.KEY_UNIT))
+    units = -(-keys // int(_split.KEY_UNIT))
     best_s, best = 1, 2 * units + C_FIX
     for s in range(2, S_MAX + 1):
         cost = -(-r * s // nsm) * (2 * -(-units // s) + C_FIX)
@@ -71,7 +71,7 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
     nsm = rng.choice([k for k in range(3, N + 3)] or [5]) if seed % 4 else rng.choice([5, 7, 13, 40])
     table, (first, n_split, s_tail), n_m = _table(lens, H, rows, nsm, varlen)
     r = N % nsm
-    s = _expected_s(r, nsm, lens[ranked[-1][0]] if ranked else 0)
+    s = _expected_s(r, nsm, lens[ranked[N - r][0]] if r else 0)  # the last round's longest tile
     split = set(ranked[N - r :]) if s > 1 else set()
     assert (first, n_split, s_tail) == ((N - r, r, s) if s > 1 else (N, 0, 1)), (N, r, nsm, s)
 
@@ -149,6 +149,16 @@ def test_the_cost_rule_splits_a_short_last_round_and_leaves_a_full_one():
     assert tail == [792, 40, 3]
     _, tail, _ = _table([4096] * 4, 16, 192, 132, False)
     assert tail == [1408 - 88, 88, 3]
+
+
+def test_the_cost_rule_reads_the_last_rounds_longest_tile():
+    """A last round that mixes lengths lasts as long as its longest tile: at 7 multiprocessors, 38 tiles of a
+    1,500-, a 700- and a 1-token sequence (2 heads, 128 rows) leave r = 3, one of 700 keys and two of 1 key, and
+    halves of them fit one round (6 + 6 against 2·6 + 6 key-block times), though the 1-key tiles alone gain
+    nothing."""
+    assert _expected_s(3, 7, 700) == 2 and _expected_s(3, 7, 1) == 1
+    _, tail, _ = _table([1500, 1, 700], 2, 128, 7, False)
+    assert tail == [35, 3, 2]
 
 
 @pytest.mark.parametrize(("varlen", "D", "paired"), [(False, 16, False), (True, 16, False), (False, 48, True)])

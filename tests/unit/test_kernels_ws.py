@@ -104,7 +104,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
 
 
 _COMPILE_TRITON = """
-import json, sys
+import itertools, json, sys
 from scfm_kernels import _bwd, _common, _fwd, _split
 base = dict(GROUP=1, HEAD_DIM=128, BLOCK_D=128, VARLEN=False, DOT_MODE=0, USE_TMA=True, LEN_BUCKET=8192)
 runs = [("fwd", _fwd._fwd_kernel, _fwd._fwd_configs()[0], dict(FAST_SIGMOID=False, WS=False, SIG=3)),
@@ -120,12 +120,12 @@ for name, kernel, c, extra in runs:
 finish = dict(TILE_ROWS=192, HEAD_DIM=128, BLOCK_D=128, ROWS=64, VARLEN=False)
 r = _common.compile_sm90(_split._finish, finish, num_warps=4)
 out["finish"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
-for block_b, block_p, warps in ((16, 256, 4), (32, 128, 4), (64, 64, 8)):  # the launches `_split.plan` makes
-    plan = dict(VARLEN=False, TILE_ROWS=192, S_MAX=_split.S_MAX, C_FIX=_split.C_FIX, BLOCK_B=block_b, BLOCK_P=block_p)
+# The launches `_split.plan` makes, for the forward's 192-row tiles and the backward's 128-row key blocks.
+for (block_b, block_p, warps), rows in itertools.product(((16, 256, 4), (32, 128, 4), (64, 64, 8)), (192, 128)):
+    plan = dict(VARLEN=False, TILE_ROWS=rows, S_MAX=_split.S_MAX, C_FIX=_split.C_FIX, BLOCK_B=block_b, BLOCK_P=block_p)
     r = _common.compile_sm90(_split._plan_kernel, plan, num_warps=warps)
-    out[f"plan{block_b}"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
-r = _common.compile_sm90(_split._plan_kernel, dict(plan, TILE_ROWS=128), num_warps=4)  # the backward's key blocks
-out["plan_keys"] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
+    name = f"plan{block_b}" + ("_keys" if rows == 128 else "")
+    out[name] = dict(resources=r["resources"], stores="st.global" in r["ptx"])
 json.dump(out, sys.stdout)
 """
 
@@ -134,12 +134,12 @@ def test_the_triton_kernels_compile_for_hopper():
     """The interpreter runs the Triton kernels' Python, not their compilation: what only the compiler rejects (a
     float global inside a jit function, say) must fail here, not on the GPU. Each kernel at its first launch."""
     got = _json_without_interpreter(_COMPILE_TRITON)
-    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dkdv+plan", "dq", "dq_ds", "finish", "plan16", "plan32", "plan64",
-                        "plan_keys"}  # fmt: skip
+    plans = [f"plan{b}{keys}" for b in (16, 32, 64) for keys in ("", "_keys")]
+    assert set(got) == {"fwd", "dkdv", "dkdv+ds", "dkdv+plan", "dq", "dq_ds", "finish", *plans}
     assert got.pop("finish")["stores"], "the planned launch's finishing kernel stores nothing"
-    for b in (16, 32, 64, "_keys"):
-        plan = got.pop(f"plan{b}")
-        assert plan["stores"] and "STACK:0 " in plan["resources"], f"plan kernel, {b} sequences: {plan['resources']}"
+    for b in plans:
+        plan = got.pop(b)
+        assert plan["stores"] and "STACK:0 " in plan["resources"], f"{b} (plan kernel): {plan['resources']}"
     for name, r in got.items():
         assert r["wgmma"], f"{name}: no warp-group products in the PTX ({r['resources']})"
         assert r["ex2"] or name == "dq_ds", f"{name}: the sigmoid's flush-to-zero ex2 is missing"
