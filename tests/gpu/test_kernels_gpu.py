@@ -155,8 +155,8 @@ def test_tail_split_backward_is_correct_and_deterministic(nsm, monkeypatch):
     monkeypatch.setattr(_split, "num_sms", lambda device: nsm)
     monkeypatch.setattr(_bwd, "BWD_PLAN", True)
     B, T, H, K = 3, 1500, 4, 2
-    # Lengths whose last round holds few enough long key blocks that the plan splits at every nsm here (a 1-token
-    # sequence, last in the launch, would make the last round's blocks too short to split).
+    # Lengths at which the plan splits some key blocks at every nsm here (2 / 3 / 4 / 12 at 5 / 7 / 16 / 40; with a
+    # 1-token sequence in place of the 1000 it would split none at 5 and 40).
     lens = torch.tensor([T, 700, 1000], device="cuda", dtype=torch.int32)
     cu = torch.tensor([0, 700, 701, 701, 1400], device="cuda", dtype=torch.int32)
     splits = 0
