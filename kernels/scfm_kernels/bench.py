@@ -327,6 +327,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("scfm_kernels.bench needs a CUDA GPU; none is visible to torch.")
+    os.makedirs(args.out, exist_ok=True)  # before the timing, so that its results have somewhere to go
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     result: dict[str, object] = {"device": torch.cuda.get_device_name()}
     if not args.no_sigmoid_study:
