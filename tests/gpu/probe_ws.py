@@ -98,9 +98,9 @@ def main() -> None:
             print(f"D={D} bwd{i}: {c}")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(2)
+    sigs = tuple(int(x) for x in args.bwd_sig.split(","))
     for D in (int(d) for d in args.dims.split(",")):
         for shape in _shapes(D):
-            sigs = tuple(int(x) for x in args.bwd_sig.split(","))
             row = time_shape(D, *shape, gen, backward=not args.forward_only, bwd_sigs=sigs)
             rows.append(row)
             cells = [f"{k}={v:.0f}" for k, v in row.items() if isinstance(v, float)]
