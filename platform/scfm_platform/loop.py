@@ -28,7 +28,7 @@ from scfm_platform.checkpoint import TrainState
 from scfm_platform.config import RunConfig, flatten, from_dict, redacted, redacted_yaml
 from scfm_platform.engine import autocast, grad_norms, initialize
 from scfm_platform.flops import batch_flops, peak_flops
-from scfm_platform.model import build_model, layer_groups
+from scfm_platform.model import build_model, layer_groups, masked_positions
 from scfm_platform.monitor import GIB, DivergenceGuard, StepTimer, peak_memory_bytes
 from scfm_platform.objective import masked_loss
 from scfm_platform.step_profile import StepWindow, format_profile, phase
@@ -54,6 +54,9 @@ def train_loop(payload: dict[str, Any]) -> None:
     if cfg.model.compile and device.type == "cuda":
         # torch.compile inside DeepSpeed (checkpoint keys stay those of the plain module)
         engine.compile(compile_kwargs={"mode": cfg.model.compile_mode})
+        loss_fn = torch.compile(masked_loss, mode=cfg.model.compile_mode)  # fuses the fp32 cast into the CE
+    else:
+        loss_fn = masked_loss
     state = _restore(engine, rank, payload.get("resume_from"))
     nodes = _worker_nodes()
     log = _logger(cfg, payload, state, nodes) if rank == 0 else None
@@ -72,11 +75,13 @@ def train_loop(payload: dict[str, Any]) -> None:
             epoch, pos, batch = next(stream)
             timer.data_ready(t_ask)
             # Counted on the host copy: no device sync for them.
-            lens, n_masked = batch[schema.SEQ_LENS], int(batch[schema.MASK].sum())
+            pos_M = masked_positions(batch[schema.MASK])
+            lens, n_masked = batch[schema.SEQ_LENS], pos_M.shape[0]
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            pos_M = pos_M.to(device, non_blocking=True)
         with phase("forward"), autocast(cfg, device):
-            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
-            loss, parts = masked_loss(out, batch, dims.value_encoding, dims.n_bins)
+            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], pos_M)
+            loss, parts = loss_fn(out, batch, dims.value_encoding, dims.n_bins, pos_M)
         with phase("backward"):
             engine.backward(loss)
         with phase("grad norms, loss sync"):
@@ -205,10 +210,11 @@ def _validate(engine, cfg: RunConfig, rank: int, world: int, device: torch.devic
     total = 0.0
     dims = engine.module.dims
     for batch in got[:n_val]:
+        pos_M = masked_positions(batch[schema.MASK]).to(device)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(cfg, device):
-            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], batch[schema.MASK])
-            total += masked_loss(out, batch, dims.value_encoding, dims.n_bins)[0].item()
+            out = engine(batch[schema.GENE_IDS], batch[schema.VALUES], batch[schema.SEQ_LENS], pos_M)
+            total += masked_loss(out, batch, dims.value_encoding, dims.n_bins, pos_M)[0].item()
     engine.train()
     return _all_sum([total])[0] / (n_val * world)
 

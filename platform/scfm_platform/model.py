@@ -186,11 +186,14 @@ class CellTransformer(nn.Module):
         seq_lens: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Encode and, where `mask` bool [B,T] is given, predict genes/values at the masked positions."""
+        """Encode and, where `mask` is given, predict genes/values at the masked positions. `mask` is bool [B,T],
+        or their flat indices int64 [M] from `masked_positions` (made on the host: a bool mask on the GPU costs a
+        device sync to count M, and its gather's backward a sort)."""
         h_BTD = self.encode(gene_ids, values, seq_lens)
         if mask is None:
             return ModelOutput(h_BTD, None, None)
-        h_MD = h_BTD[mask]
+        pos_M = masked_positions(mask) if mask.dtype == torch.bool else mask
+        h_MD = h_BTD.flatten(0, 1).index_select(0, pos_M)
         gene_logits = self.gene_logits(h_MD) if self.gene_bias is not None else None
         value_pred = None
         if self.value_head is not None:
@@ -219,6 +222,12 @@ class CellTransformer(nn.Module):
         genes_BT = (pos_T[None, :] >= 1) & (pos_T[None, :] < seq_lens[:, None])
         w_BT = genes_BT.to(h_BTD.dtype)
         return (h_BTD * w_BT[..., None]).sum(1) / w_BT.sum(1, keepdim=True).clamp(min=1)
+
+
+def masked_positions(mask_BT: torch.Tensor) -> torch.Tensor:
+    """bool [B,T] → int64 [M]: the flat indices b·T + t of the masked positions, in row-major order (the order of
+    `x[mask_BT]`)."""
+    return mask_BT.flatten().nonzero().squeeze(1)
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> CellTransformer:

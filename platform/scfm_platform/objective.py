@@ -12,21 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from scfm_data_service import schema
-from scfm_platform.model import ModelOutput
+from scfm_platform.model import ModelOutput, masked_positions
 
 
 def masked_loss(
-    out: ModelOutput, batch: dict[str, torch.Tensor], value_encoding: str, n_bins: int
+    out: ModelOutput,
+    batch: dict[str, torch.Tensor],
+    value_encoding: str,
+    n_bins: int,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (scalar) and its parts, from model outputs at `batch["mask"]` [B, T] positions."""
-    mask_BT = batch[schema.MASK]
+    """Loss (scalar) and its parts, from model outputs at `batch["mask"]` [B, T] positions. `positions` int64 [M]
+    are those positions as `masked_positions` gives them, when the caller made them on the host (no device sync
+    here then); by default they are taken from the batch's mask."""
+    pos_M = masked_positions(batch[schema.MASK]) if positions is None else positions
     parts: dict[str, torch.Tensor] = {}
-    n = mask_BT.sum().clamp(min=1).float()  # sums / n: a batch without masked positions gives 0, not NaN
+    n = max(pos_M.shape[0], 1)  # sums / n: a batch without masked positions gives 0, not NaN
     if out.gene_logits_MV is not None:
-        target_M = batch[schema.TARGET_GENE_IDS][mask_BT]
+        target_M = batch[schema.TARGET_GENE_IDS].flatten().index_select(0, pos_M)
         parts["gene_loss"] = F.cross_entropy(out.gene_logits_MV.float(), target_M, reduction="sum") / n
     if out.value_pred is not None:
-        target_M = batch[schema.TARGET_VALUES][mask_BT].float()
+        target_M = batch[schema.TARGET_VALUES].flatten().index_select(0, pos_M).float()
         if value_encoding == "binned":
             parts["value_loss"] = (
                 F.cross_entropy(out.value_pred.float(), target_M.long().clamp(0, n_bins - 1), reduction="sum") / n

@@ -16,7 +16,9 @@ at that shape is the host's. Lengths are the bench's (`scfm_kernels.bench._input
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections import defaultdict
 
@@ -68,6 +70,24 @@ def graph_us(fn) -> float | str:
         return f"{type(err).__name__}: {str(err)[:80]}"
 
 
+def host_profile(fn, calls: int, top: int = 12) -> list[str]:
+    """The `top` functions by own host time over `calls` calls of fn (cProfile), one line each."""
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        f"{tt / calls * 1e6:9.1f} µs own {ct / calls * 1e6:9.1f} µs cum {nc / calls:5.1f}x  "
+        f"{file.split('/')[-1]}:{line} {name}"
+        for (file, line, name), (_, nc, tt, ct, _) in rows
+    ]
+
+
 def _passes(q, k, v, seq):
     out = sk.sigmoid_attention(q, k, v, seq)
     go = torch.randn_like(out)
@@ -83,7 +103,13 @@ def main() -> None:
     ap.add_argument("--pads", default="0,0.5")
     ap.add_argument("--passes", default="fwd,bwd", help="comma list of fwd, bwd")
     ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay")
+    ap.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="skip the CUDA-graph replay (never run for bwd: "
+        "a failed capture of autograd.grad leaves the RNG unusable for the next shape)",
+    )
+    ap.add_argument("--host-profile", action="store_true", help="print the host's top functions per call (cProfile)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     passes = [p for p in args.passes.split(",") if p]
@@ -103,7 +129,7 @@ def main() -> None:
                     times = kernel_times(fn, args.calls)
                     total = sum(times.values())
                     bench_us = _median_ms(fn) * 1e3
-                    graph = "skipped" if args.no_graph else graph_us(fn)
+                    graph = "skipped" if args.no_graph or name == "bwd" else graph_us(fn)
                     host = host_issue_us(fn, args.calls)
                     rows.append(dict(D=D, L=L, pad=pad, lens=lens.tolist(), kind=name, flops=flops, times=times,
                                      total_us=total, bench_us=bench_us, graph_us=graph, host_us=host))  # fmt: skip
@@ -113,6 +139,8 @@ def main() -> None:
                           f"({flops / bench_us / 1e6:.0f}), graph {g}, host issue {host:.0f} µs")  # fmt: skip
                     for kernel, us in sorted(times.items(), key=lambda kv: -kv[1]):
                         print(f"    {us:>9.1f} µs  {us / total:>6.1%}  {kernel}")
+                    if args.host_profile:
+                        print("  host, per call:\n" + "\n".join("    " + line for line in host_profile(fn, 50)))
                 del q, k, v, fns
     for r in (r for r in rows if r["pad"] > 0):
         dense = [d for d in rows if (d["D"], d["L"], d["pad"], d["kind"]) == (r["D"], r["L"], 0.0, r["kind"])]

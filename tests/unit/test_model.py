@@ -8,7 +8,7 @@ import torch
 from scfm_data_service import schema
 from scfm_platform.attention import attention
 from scfm_platform.config import load_config
-from scfm_platform.model import PRESETS, build_model, count_params, layer_groups
+from scfm_platform.model import PRESETS, build_model, count_params, layer_groups, masked_positions
 from scfm_platform.objective import masked_loss
 from scfm_platform.synthetic import synthetic_batch
 
@@ -158,3 +158,38 @@ def test_gene_head_padding_changes_nothing(n_genes):
     want_grads = torch.autograd.grad(want, (h_MD, model.gene_emb.weight, model.gene_bias), g)
     for a, b in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("objective", ["gene", "value", "both"])
+def test_host_positions_match_the_bool_mask(objective):
+    """Masked positions made on the host (the trainer's no-sync path) give the bool mask's heads, loss and grads."""
+    cfg = _cfg(f"model.objective={objective}")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    b = _batch(seed=3)
+    pos_M = masked_positions(b["mask"])
+    assert pos_M.dtype == torch.int64 and pos_M.shape[0] == int(b["mask"].sum())
+    torch.testing.assert_close(b["target_gene_ids"].flatten()[pos_M], b["target_gene_ids"][b["mask"]], rtol=0, atol=0)
+    args = (b["gene_ids"], b["values"], b["seq_lens"])
+    ref_out = model(*args, b["mask"])
+    ref_loss, ref_parts = masked_loss(ref_out, b, model.dims.value_encoding, cfg.data.n_bins)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
+    out = model(*args, pos_M)
+    loss, parts = masked_loss(out, b, model.dims.value_encoding, cfg.data.n_bins, pos_M)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert set(parts) == set(ref_parts) and torch.equal(loss, ref_loss)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert (g is None) == (ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, ref)
+
+
+def test_loss_of_a_batch_without_masked_positions_is_zero():
+    cfg = _cfg("model.objective=both")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    b = _batch()
+    b["mask"] = torch.zeros_like(b["mask"])
+    out = model(b["gene_ids"], b["values"], b["seq_lens"], masked_positions(b["mask"]))
+    loss, _ = masked_loss(out, b, model.dims.value_encoding, cfg.data.n_bins)
+    assert out.gene_logits_MV.shape == (0, VOCAB) and float(loss) == 0.0
