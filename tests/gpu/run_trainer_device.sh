@@ -13,8 +13,9 @@
 #
 # Output under $OUT (default /tmp/trainer_out): run.log, run_metrics.json (medians of the run's MLflow metrics
 # from step 10 on), trainer.json, bench.log. RUN_STEPS, RUN_LIMIT, BENCH_LIMIT override the run's steps and the
-# two time limits (seconds); RUN_ARGS adds overrides to the run (a CPU smoke: RUN_ARGS="model.preset=tiny
-# resources.use_gpu=false data.max_len=256 data.tokens_per_batch=2048 resources.cpus_per_worker=1").
+# two time limits (seconds); BACKENDS (comma list) and BENCH_ARGS (more flags) change the bench; RUN_ARGS adds
+# overrides to the run (a CPU smoke: RUN_ARGS="model.preset=tiny resources.use_gpu=false data.max_len=256
+# data.tokens_per_batch=2048 resources.cpus_per_worker=1").
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 OUT=${OUT:-/tmp/trainer_out}
@@ -59,7 +60,7 @@ EOF
         ;;
     bench)
         timeout -k 20 "${BENCH_LIMIT:-280}" python3 -m scfm_platform.bench --steps 8 --warmup 3 --compile \
-            --profile --backends sigmoid,flash,cudnn --json "$OUT/trainer.json" 2>&1 | tee "$OUT/bench.log" | tail -60
+            --profile --backends "${BACKENDS:-sigmoid,flash,cudnn}" --json "$OUT/trainer.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60
         ;;
     *) echo "unknown stage $stage (run, bench)" >&2 ;;
     esac
