@@ -193,3 +193,25 @@ def test_loss_of_a_batch_without_masked_positions_is_zero():
     out = model(b["gene_ids"], b["values"], b["seq_lens"], masked_positions(b["mask"]))
     loss, _ = masked_loss(out, b, model.dims.value_encoding, cfg.data.n_bins)
     assert out.gene_logits_MV.shape == (0, VOCAB) and float(loss) == 0.0
+
+
+def test_compiled_loss_matches_eager_as_the_masked_count_changes():
+    """The trainer compiles the loss with the model (`model.compile`); M differs batch to batch, so the compiled
+    loss must follow a new M (a recompile with M dynamic) and give the eager loss and gradients."""
+    cfg = _cfg("model.objective=both")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    compiled = torch.compile(masked_loss)
+    counts = set()
+    for seed in range(3):
+        b = _batch(seed=seed)
+        pos_M = masked_positions(b["mask"])
+        counts.add(pos_M.shape[0])
+        out = model(b["gene_ids"], b["values"], b["seq_lens"], pos_M)
+        heads = [out.gene_logits_MV, out.value_pred]
+        want, _ = masked_loss(out, b, model.dims.value_encoding, cfg.data.n_bins, pos_M)
+        got, _ = compiled(out, b, model.dims.value_encoding, cfg.data.n_bins, pos_M)
+        torch.testing.assert_close(got, want)
+        for g, ref in zip(torch.autograd.grad(got, heads), torch.autograd.grad(want, heads), strict=True):
+            torch.testing.assert_close(g, ref)
+    assert len(counts) > 1  # the batches do change M
