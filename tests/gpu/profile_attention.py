@@ -88,6 +88,26 @@ def host_profile(fn, calls: int, top: int = 12) -> list[str]:
     ]
 
 
+def config_sweep(q, k, v, lens, flops: float) -> list[dict]:
+    """The forward at every launch of `_fwd_ws.fwd_ws_configs`, planned (SPLIT=1) and one program per tile
+    (SPLIT=0), timed from CUDA-graph replays (no host time): which launch wins at this shape."""
+    from scfm_kernels import _fwd_ws
+    from scfm_kernels._fwd import attention_forward
+
+    T, D = q.shape[1], q.shape[3]
+    bias = -torch.log(lens.float())
+    out = []
+    for cfg in _fwd_ws.fwd_ws_configs(D):
+        for split in (1, 0):
+            launch = dict(cfg, KERNEL="ws", SPLIT=split)
+            fn = lambda launch=launch: attention_forward(q, k, v, lens, bias, D**-0.5, False, T, config=launch)  # noqa: E731
+            us = graph_us(fn)
+            out.append(dict(config=cfg, split=split, graph_us=us))
+            rate = f"{flops / us / 1e6:.0f} TFLOPS" if isinstance(us, float) else us
+            print(f"    split={split} {cfg}: {us if isinstance(us, str) else f'{us:.0f} µs'} ({rate})")
+    return out
+
+
 def _passes(q, k, v, seq):
     out = sk.sigmoid_attention(q, k, v, seq)
     go = torch.randn_like(out)
@@ -109,6 +129,7 @@ def main() -> None:
         help="skip the CUDA-graph replay (never run for bwd: "
         "a failed capture of autograd.grad leaves the RNG unusable for the next shape)",
     )
+    ap.add_argument("--configs", action="store_true", help="fwd: time every launch of the list, planned and not")
     ap.add_argument("--host-profile", action="store_true", help="print the host's top functions per call (cProfile)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -139,6 +160,8 @@ def main() -> None:
                           f"({flops / bench_us / 1e6:.0f}), graph {g}, host issue {host:.0f} µs")  # fmt: skip
                     for kernel, us in sorted(times.items(), key=lambda kv: -kv[1]):
                         print(f"    {us:>9.1f} µs  {us / total:>6.1%}  {kernel}")
+                    if args.configs and name == "fwd":
+                        rows[-1]["configs"] = config_sweep(q, k, v, lens, flops)
                     if args.host_profile:
                         print("  host, per call:\n" + "\n".join("    " + line for line in host_profile(fn, 50)))
                 del q, k, v, fns
