@@ -23,7 +23,7 @@ from scfm_platform.config import load_config
 from scfm_platform.flops import batch_flops, peak_flops
 from scfm_platform.model import build_model, count_params, masked_positions
 from scfm_platform.objective import masked_loss
-from scfm_platform.step_profile import GAP, HOST, by_category, format_profile, profile_step
+from scfm_platform.step_profile import GAP, by_category, format_profile, kernel_rows, profile_step
 from scfm_platform.synthetic import synthetic_batch
 
 BACKENDS = {  # name → config overrides
@@ -91,9 +91,8 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
     if args.profile:
         rows = profile_step(step, 2, dev)
         print(f"--- {name}: profile of 2 steps (timed step {dt * 1e3:.1f} ms)\n{format_profile(rows, dt * 1e3)}")
-        kernels = [r for r in rows if r["category"] not in (GAP, HOST)]
         gaps = [r for r in rows if r["category"] == GAP]
-        profile = {"profile_ms": by_category(rows), "profile_kernels": kernels, "profile_gaps": gaps}
+        profile = {"profile_ms": by_category(rows), "profile_kernels": kernel_rows(rows), "profile_gaps": gaps}
     return {
         "backend": name,
         "step_s": dt,

@@ -172,12 +172,15 @@ def idle_gaps(
     return [*sorted(out, key=lambda r: -r["ms"])[:top], whole]
 
 
+def kernel_rows(rows: list[dict[str, float | str]]) -> list[dict[str, float | str]]:
+    """The kernel (CPU: op) rows of a profile, host phases and idle gaps left out, in their order (longest first)."""
+    return [r for r in rows if r["category"] not in _KEPT_OUT]
+
+
 def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
     """Milliseconds per step per kernel category, largest first (host phases and idle gaps left out)."""
     out: dict[str, float] = {}
-    for r in rows:
-        if r["category"] in _KEPT_OUT:
-            continue
+    for r in kernel_rows(rows):
         out[str(r["category"])] = out.get(str(r["category"]), 0.0) + float(r["ms"])
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -185,7 +188,7 @@ def by_category(rows: list[dict[str, float | str]]) -> dict[str, float]:
 def format_profile(rows: list[dict[str, float | str]], step_ms: float, top: int = 12) -> str:
     """A table of categories (ms per step, share of the timed step), the `top` longest kernels, the longest idle
     gaps between kernels and, when the loop marked them, its host phases (CPU wall ms per step)."""
-    kernels = [r for r in rows if r["category"] not in _KEPT_OUT]
+    kernels = kernel_rows(rows)
     lines = [f"{'category':<26} {'ms/step':>9} {'% step':>7}"]
     for cat, ms in by_category(kernels).items():
         lines.append(f"{cat:<26} {ms:9.2f} {100 * ms / step_ms:6.1f}%")
