@@ -5,8 +5,10 @@
     python -m scfm_platform.bench --compile --profile --backends sigmoid,cudnn   # where each step's time goes
 
 Each backend gets a fresh model (same seed) and times forward + masked-gene loss + backward + AdamW step on
-synthetic full-length cells (no padding, so every SDPA backend runs), bf16 autocast over fp32 weights, fused
-AdamW. No Ray or DeepSpeed: this measures the model and its attention. MFU uses `scfm_platform.flops` (attention
+synthetic full-length cells (no padding, so every SDPA backend runs), fused AdamW. Precision as the trainer runs it
+(`--precision`, `train.precision`): bf16 (the default, configs/h200_160m_8k.yaml's) holds bf16 weights and grads
+and steps fp32 master weights, as DeepSpeed's bf16 mode does; amp keeps fp32 weights under bf16 autocast. No Ray or
+DeepSpeed: this measures the model and its attention. MFU uses `scfm_platform.flops` (attention
 over valid tokens included) against the GPU's dense bf16 peak. --profile adds, per backend, two more steps under
 the profiler and prints their kernel time by category (`scfm_platform.step_profile`).
 """
@@ -14,6 +16,7 @@ the profiler and prints their kernel time by category (`scfm_platform.step_profi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -35,6 +38,29 @@ BACKENDS = {  # name → config overrides
 }
 
 
+class MasterWeightAdamW:
+    """AdamW over fp32 master copies of 16-bit parameters, the step DeepSpeed's bf16 mode takes: the grads are
+    copied up to float32, AdamW steps the masters, and the masters are copied back into the parameters."""
+
+    def __init__(self, params, **adamw):
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [p.detach().float() for p in self.params]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        self.opt = torch.optim.AdamW(self.masters, **adamw)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            torch._foreach_copy_([m.grad for m in self.masters], grads)
+            self.opt.step()
+            torch._foreach_copy_(self.params, self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
     """Time `args.steps` training steps of one backend after `args.warmup` untimed ones."""
     cfg = load_config(
@@ -52,10 +78,17 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model(cfg, args.genes + 3).to(dev)
+    adamw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=dev.type == "cuda")
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+        opt = MasterWeightAdamW(model.parameters(), **adamw)
+        autocast = contextlib.nullcontext
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **adamw)
+        autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
     if args.compile:
         model = torch.compile(model, mode=args.compile_mode)
     core = getattr(model, "_orig_mod", model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=dev.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(args.cells, args.seq_len, args.genes, full=True, generator=gen, device=dev)
     pos_M = masked_positions(batch["mask"])
@@ -68,7 +101,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict[str, float | str]:
             torch.cuda.synchronize()
 
     def step() -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with autocast():
             out = model(batch["gene_ids"], batch["values"], batch["seq_lens"], pos_M)
             loss, _ = loss_fn(out, batch, core.dims.value_encoding, core.dims.n_bins, pos_M)
         loss.backward()
@@ -123,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode (max-autotune-no-cudagraphs: matmuls as autotuned Triton templates, epilogue fusion)",
     )  # fmt: skip
+    p.add_argument(
+        "--precision", default="bf16", choices=("bf16", "amp"),
+        help="bf16: bf16 weights, fp32 master weights (DeepSpeed's bf16 mode, the 160M config's); amp: fp32 weights, "
+        "bf16 autocast",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print where each backend's step time goes, by kernel")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     p.add_argument("--json", help="also write the results here")
@@ -131,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU (or --device cpu for a smoke run)")
     torch.backends.cuda.matmul.allow_tf32 = True
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{device_name}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens")
+    print(f"{device_name}  preset {args.preset}  {args.cells} cells x {args.seq_len} tokens  {args.precision}")
     rows = []
     for name in args.backends.split(","):
         try:
