@@ -161,6 +161,15 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _release_stages(v_ready, kv_free, n_blocks, NUM_BUF: gl.constexpr):
+        """A consumer with no rows to compute: arrives on each stage's release once its fill has landed (waiting for
+        the fill keeps each arrival in its own round, so the loader still refills a stage only when all are done)."""
+        for j in range(n_blocks):
+            stage = j % NUM_BUF
+            mbarrier.wait(v_ready.index(stage), (j // NUM_BUF) & 1)
+            mbarrier.arrive(kv_free.index(stage))
+
+    @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, TRACING: gl.constexpr,
@@ -188,7 +197,11 @@ if gluon is not None:
         q_desc = seq_desc(q_base, n, stride_qt, BLOCK_M, HEAD_DIM)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-        if n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)
+        if n_blocks > 0 and row0 >= n:
+            # Rows all past the end (the later consumers of a sequence's last tile): no product of theirs would
+            # count, so the consumer only releases each stage as it lands, and the others get the tensor cores.
+            _release_stages(v_ready, kv_free, n_blocks, NUM_BUF)
+        elif n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)
             mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
             tma_load(q_desc, [row0, 0], q_ready, q_smem)
             mbarrier.wait(q_ready, 0)

@@ -15,7 +15,9 @@ Supported:
     one-pass backward (bf16/fp16 on Hopper) that adds dQ with atomics: fewer tile products, run-to-run
     differences in the last bits of dQ;
   - torch.compile: both directions are `torch.library` custom ops (`scfm::sigmoid_attn_fwd`/`_bwd`), so a
-    compiled model traces through them with no graph break.
+    compiled model traces through them with no graph break. Eager calls take an `autograd.Function` over the same
+    two functions instead: the custom op's dispatch costs about 5x its host time per call (46 against 10 µs on a
+    2-core CPU), which at short sequences is the GPU's time too (docs/benchmarks.md, run 20).
 Not supported: causal or arbitrary masks, per-token biases, a gradient for the bias, different q and k
 lengths (cross-attention), float64 (use `sigmoid_attention_reference`).
 
@@ -33,7 +35,7 @@ from ._bwd import attention_backward
 from ._common import INTERPRET
 from ._fwd import attention_forward
 from ._validate import check_padded, check_sequence_extent, check_varlen
-from .reference import default_bias, sigmoid_attention_reference, sigmoid_attention_varlen_reference
+from .reference import sigmoid_attention_reference, sigmoid_attention_varlen_reference
 
 
 @torch.library.custom_op("scfm::sigmoid_attn_fwd", mutates_args=())
@@ -93,10 +95,36 @@ def _backward(ctx, do: torch.Tensor):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _bias_vector(n_valid_B: torch.Tensor, bias: float | None) -> torch.Tensor:
-    if bias is None:
-        return default_bias(n_valid_B)
-    return torch.full(n_valid_B.shape, float(bias), dtype=torch.float32, device=n_valid_B.device)
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' forward and backward, linked by autograd without the op dispatcher (eager calls)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq, bias_B, scale, varlen, max_seqlen, deterministic):
+        _setup_context(ctx, (q, k, v, seq, bias_B, scale, varlen, max_seqlen, deterministic), None)
+        return attention_forward(q, k, v, seq, bias_B, scale, varlen, max_seqlen)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, seq, bias_B = ctx.saved_tensors
+        args = (seq, bias_B, ctx.scale, ctx.varlen, ctx.max_seqlen)
+        dq, dk, dv = attention_backward(do.contiguous(), q, k, v, *args, deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _attend(*args) -> torch.Tensor:
+    """The forward through the custom op while torch.compile traces, through `_EagerAttention` otherwise."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(*args)
+    return _EagerAttention.apply(*args)
+
+
+def _bias_vector(n_valid_B: torch.Tensor, bias: float | None, max_len: int | None = None) -> torch.Tensor:
+    """float32 [B]: `bias` for every sequence, or the default −log(n) of each length n clamped to [1, max_len]
+    (`reference.default_bias` in three small ops instead of five)."""
+    out = torch.empty(n_valid_B.shape, dtype=torch.float32, device=n_valid_B.device)
+    if bias is not None:
+        return out.fill_(float(bias))
+    return torch.log(n_valid_B.clamp(1, max_len), out=out).neg_()
 
 
 def _last_dim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -136,8 +164,8 @@ def sigmoid_attention(
         seq_lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
     q, k, v = _last_dim_contiguous(q, k, v)
     check_sequence_extent(T, q=q, k=k, v=v)
-    bias_B = _bias_vector(seq_lens.clamp(0, T), bias)
-    return _fwd_op(q, k, v, seq_lens, bias_B, scale, False, T, bool(deterministic))
+    bias_B = _bias_vector(seq_lens, bias, T)
+    return _attend(q, k, v, seq_lens, bias_B, scale, False, T, bool(deterministic))
 
 
 def sigmoid_attention_varlen(
@@ -172,5 +200,5 @@ def sigmoid_attention_varlen(
         return sigmoid_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, bias=bias, scale=scale)
     q, k, v = _last_dim_contiguous(q, k, v)
     check_sequence_extent(max_seqlen, q=q, k=k, v=v)
-    bias_B = _bias_vector(cu_seqlens[1:] - cu_seqlens[:-1], bias)
-    return _fwd_op(q, k, v, cu_seqlens, bias_B, scale, True, max_seqlen, bool(deterministic))
+    bias_B = _bias_vector(cu_seqlens[1:] - cu_seqlens[:-1], bias)  # (the kernels clamp no packed length)
+    return _attend(q, k, v, cu_seqlens, bias_B, scale, True, max_seqlen, bool(deterministic))
