@@ -229,6 +229,21 @@ if gluon is not None:
             gl.store(o_ptrs, acc.to(dtype), mask=store_rows[:, None])
 
     @gluon.jit
+    def _zero_rows(
+        O, b, row0, T_MAX, H, stride_ob, stride_ot, stride_oh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+    ):  # fmt: skip
+        """Zeros into rows [row0, row0 + ROWS) ∩ [0, T_MAX) of every head of padded sequence b: a planned
+        program past the sequence's end (piece −3), on the default partition's four warps, 64 rows at a time."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        zeros = gl.zeros([64, HEAD_DIM], O.dtype.element_ty, layout)
+        for r in gl.static_range(ROWS // 64):
+            rows = row0 + r * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            ptrs = O + b * stride_ob + rows[:, None] * stride_ot + cols[None, :]
+            for h in range(H):
+                gl.store(ptrs + h * stride_oh, zeros, mask=(rows < T_MAX)[:, None])
+
+    @gluon.jit
     def _fwd_ws_kernel(
         Q, K, V, O, SEQ, BIAS,
         neg_scale_log2e,
@@ -243,8 +258,9 @@ if gluon is not None:
         TRACING: gl.constexpr = 0,
     ):  # fmt: skip
         """SPLIT=1: a planned launch, program i doing row i of the work table WORK (`_split`: longest sequences
-        first, the last round's tiles in parts over the keys with partials to PART); SPLIT=0: a 2-D grid (query
-        tile, pair), WORK and PART unused. TRACING=1: program i writes int64 TRACE[8i … 8i + 7] (`trace`)."""
+        first, the last round's tiles in parts over the keys with partials to PART, a padded sequence's tiles past
+        its end one program for all heads); SPLIT=0: a 2-D grid (query tile, pair), WORK and PART unused.
+        TRACING=1: program i writes int64 TRACE[8i … 8i + 7] (`trace`)."""
         if TRACING:
             t_start = _clock()
         if SPLIT:
@@ -255,7 +271,9 @@ if gluon is not None:
             kb0, kb1 = part_blocks(n, part, n_parts, BLOCK_N, KEY_UNIT)
         else:
             b, h, hk, start, n, bias_log2 = query_head(SEQ, BIAS, gl.program_id(1), H, T_MAX, GROUP, VARLEN)
-            m, piece = gl.program_id(0), -1
+            # piece −1 for every tile, from a loaded value: a branch below on a constant condition (scf.if on a
+            # folded constant around the warp-specialized region) fails to lower in Triton 3.6.
+            m, piece = gl.program_id(0), gl.where(n < 0, -2, -1)
             kb0, kb1 = 0, gl.cdiv(n, BLOCK_N)
         row0 = m * (NUM_CONSUMERS * BLOCK_M)
         # A program whose rows all lie past the sequence's end loads no keys; it only writes zeros (padded layout).
@@ -265,51 +283,55 @@ if gluon is not None:
             t_plan = _clock()
         part_base = PART + gl.maximum(piece, 0).to(gl.int64) * (NUM_CONSUMERS * BLOCK_M * HEAD_DIM)
 
-        dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], q_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        kv_free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_CONSUMERS):
-            mbarrier.init(q_ready.index(i), count=1)
-        for i in gl.static_range(NUM_BUF):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_free.index(i), count=NUM_CONSUMERS)  # every consumer releases each stage
+        if piece == -3:  # tiles of rows past a padded sequence's end, every head: zeros, no keys, no barriers
+            _zero_rows(O, b, row0, T_MAX, H, stride_ob, stride_ot, stride_oh, NUM_CONSUMERS * BLOCK_M, HEAD_DIM)
+        elif piece != -2:  # (−2: a planned program with nothing to do)
+            dtype: gl.constexpr = Q.dtype.element_ty
+            q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+            kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+            q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], q_layout)
+            k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
+            v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, HEAD_DIM], kv_layout)
+            q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+            k_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            v_ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            kv_free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(NUM_CONSUMERS):
+                mbarrier.init(q_ready.index(i), count=1)
+            for i in gl.static_range(NUM_BUF):
+                mbarrier.init(k_ready.index(i), count=1)
+                mbarrier.init(v_ready.index(i), count=1)
+                mbarrier.init(kv_free.index(i), count=NUM_CONSUMERS)  # every consumer releases each stage
 
-        kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks, kb0,
-              k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
-        c = (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e,
-             bias_log2, b, h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-             kv_free, trace)  # fmt: skip
-        # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
-        if NUM_CONSUMERS == 2:
-            gl.warp_specialize(
-                [
-                    (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                ],
-                [4, 4],
-                [CONSUMER_REGS, CONSUMER_REGS],
-            )
-        else:
-            gl.static_assert(NUM_CONSUMERS == 3, "NUM_CONSUMERS must be 2 or 3")
-            gl.warp_specialize(
-                [
-                    (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                    (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                    (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                    (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                ],
-                [4, 4, 4],
-                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
-            )
+            kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
+                  kb0, k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
+            c = (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e,
+                 bias_log2, b, h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready,
+                 v_ready, kv_free, trace)  # fmt: skip
+            # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
+            # tensors).
+            if NUM_CONSUMERS == 2:
+                gl.warp_specialize(
+                    [
+                        (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
+                        (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                        (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                    ],
+                    [4, 4],
+                    [CONSUMER_REGS, CONSUMER_REGS],
+                )
+            else:
+                gl.static_assert(NUM_CONSUMERS == 3, "NUM_CONSUMERS must be 2 or 3")
+                gl.warp_specialize(
+                    [
+                        (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
+                        (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                        (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                        (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                    ],
+                    [4, 4, 4],
+                    [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
+                )
         if TRACING:
             t_end = _clock()
             gl.store(trace, t_start)
@@ -398,7 +420,7 @@ def launch(args: tuple, meta: dict, t_max: int, B: int, H: int, config: dict | N
     n_m = triton.cdiv(t_max, rows)
     o, seq, bias = args[3], args[4], args[5]
     if split:
-        plan = _split.prepare(seq, meta["VARLEN"], t_max, (B, H, n_m), rows, rows, meta["HEAD_DIM"])
+        plan = _split.prepare(seq, meta["VARLEN"], t_max, (B, H, n_m), rows, rows, meta["HEAD_DIM"], True)
         tail = (plan.work, plan.part)
         grid = (plan.total,)
     else:

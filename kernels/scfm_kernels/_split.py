@@ -21,10 +21,12 @@ N_M·B·H + (S_MAX − 1)·NSM programs, in this order:
     KEY_UNITs (two 64-key blocks each) and C_FIX a tile's fixed cost in 64-key blocks, so pieces may take more
     than one round (r = 88 of 132 tiles of 4K keys: s = 3, two rounds of thirds);
   - the tiles past each sequence's end (padded layout only), which only write zeros, where multiprocessors
-    idle at the end instead of between real tiles;
+    idle at the end instead of between real tiles: one per (sequence, head, tile), or with ZERO_ALL_HEADS (the
+    forward) one per (sequence, tile) that writes the tile's rows of every head (h = 0), H times fewer programs;
   - programs with nothing to do.
 Row of program i (int32 × ROW): b, h, m (query tile), part, parts, piece (−1: the tile whole, or zeros past the
-end; ≥ 0: scratch slot of a partial; −2: nothing), n (the sequence's length), start (its first row when packed).
+end of one head; −3: zeros past the end of every head; ≥ 0: scratch slot of a partial; −2: nothing), n (the
+sequence's length), start (its first row when packed).
 After the last row: (first split rank, split tiles, s), for `_finish`.
 
 Batches of more than PLAN_MAX_B sequences run the plain 2-D grid (`_fwd_ws.launch`, `_bwd._dkdv_plan`).
@@ -58,7 +60,7 @@ def _gather(onehot, values):
 def _plan_kernel(
     SEQ, WORK, B, H, N_M, NSM, T_MAX, TOTAL,
     VARLEN: tl.constexpr, TILE_ROWS: tl.constexpr, S_MAX: tl.constexpr, C_FIX: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, ZERO_ALL_HEADS: tl.constexpr,
 ):  # fmt: skip
     """Rows [pid·BLOCK_P, + BLOCK_P) of the work table (module docstring); every program derives the whole plan from
     the B lengths (B ≤ BLOCK_B)."""
@@ -85,7 +87,7 @@ def _plan_kernel(
     whole_s = t_s * H
     cum = tl.cumsum(whole_s, 0)  # valid tiles up to and including each slot
     N = tl.sum(whole_s, 0)
-    empty_s = bi * 0 if VARLEN else tl.where(bi < B, (N_M - t_s) * H, 0)
+    empty_s = bi * 0 if VARLEN else tl.where(bi < B, (N_M - t_s) * (1 if ZERO_ALL_HEADS else H), 0)
     cum_e = tl.cumsum(empty_s, 0)
     E = tl.sum(empty_s, 0)
     # Pieces per split tile: the fewest that minimise the modelled time of the last r tiles.
@@ -120,7 +122,7 @@ def _plan_kernel(
     h = rem // per_head
     m = rem % per_head + tl.where(is_empty, t_p, 0)
     part = tl.where(is_piece, (p - first) % s, 0)
-    piece = tl.where(is_piece, p - first, tl.where(is_whole | is_empty, -1, -2))
+    piece = tl.where(is_piece, p - first, tl.where(is_whole, -1, tl.where(is_empty, -3 if ZERO_ALL_HEADS else -1, -2)))
     busy = is_whole | is_piece | is_empty
     fields = (_gather(sel, seq_of), tl.where(busy, h, 0), tl.where(busy, m, 0), part, tl.where(is_piece, s, 1), piece,
               _gather(sel, n_s), _gather(sel, row0_s))  # fmt: skip
@@ -219,10 +221,18 @@ def grid_size(n_m: int, B: int, H: int, nsm: int) -> int:
     return n_m * B * H + (int(S_MAX) - 1) * nsm
 
 
-def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int, int], tile_rows: int) -> torch.Tensor:
+def plan(
+    seq: torch.Tensor,
+    varlen: bool,
+    t_max: int,
+    dims: tuple[int, int, int, int],
+    tile_rows: int,
+    zero_all_heads: bool = False,
+) -> torch.Tensor:
     """The work table of a planned launch (module docstring), on seq's device without a host sync: int32
     [grid_size · ROW + ROW]. seq: seq_lens [B] (clamped to t_max) or cu_seqlens [B + 1]; dims (B, H, N_M, NSM)
-    with H the heads the tiles are counted over (the backward's: key heads)."""
+    with H the heads the tiles are counted over (the backward's: key heads); zero_all_heads: one program per
+    padded tile past a sequence's end for all heads (piece −3) instead of one per head."""
     B, H, n_m, nsm = dims
     if not 1 <= B <= PLAN_MAX_B:
         raise ValueError(f"a planned launch takes 1 to {PLAN_MAX_B} sequences, got B={B}")
@@ -233,7 +243,7 @@ def plan(seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int,
     _plan_kernel[(triton.cdiv(total, block_p),)](
         seq, work, B, H, n_m, nsm, t_max, total,
         VARLEN=varlen, TILE_ROWS=tile_rows, S_MAX=S_MAX, C_FIX=C_FIX, BLOCK_B=block_b, BLOCK_P=block_p,
-        num_warps=8 if block_b >= 64 else 4,
+        ZERO_ALL_HEADS=zero_all_heads, num_warps=8 if block_b >= 64 else 4,
     )  # fmt: skip
     return work
 
@@ -250,14 +260,21 @@ class Plan(NamedTuple):
 
 
 def prepare(
-    seq: torch.Tensor, varlen: bool, t_max: int, dims: tuple[int, int, int], rows: int, piece_rows: int, head_dim: int
+    seq: torch.Tensor,
+    varlen: bool,
+    t_max: int,
+    dims: tuple[int, int, int],
+    rows: int,
+    piece_rows: int,
+    head_dim: int,
+    zero_all_heads: bool = False,
 ) -> Plan:
-    """Everything a planned launch needs, on seq's device: the work table (`plan`) for dims (B, heads, tiles per
-    sequence) of `rows` rows each, and scratch for partials of piece_rows × head_dim float32 values per piece
-    (the forward's: one tile; the backward's: a key block's dK and dV)."""
+    """Everything a planned launch needs, on seq's device: the work table (`plan`, zero_all_heads as there) for
+    dims (B, heads, tiles per sequence) of `rows` rows each, and scratch for partials of piece_rows × head_dim
+    float32 values per piece (the forward's: one tile; the backward's: a key block's dK and dV)."""
     B, H, n_m = dims
     nsm = num_sms(seq.device)
-    work = plan(seq, varlen, t_max, (B, H, n_m, nsm), rows)
+    work = plan(seq, varlen, t_max, (B, H, n_m, nsm), rows, zero_all_heads)
     return Plan(work, scratch(nsm, piece_rows, head_dim, seq.device), grid_size(n_m, B, H, nsm), nsm, rows)
 
 

@@ -39,14 +39,16 @@ def _expected_s(r: int, nsm: int, keys: int) -> int:
     return best_s
 
 
-def _table(lens: list[int], H: int, rows: int, nsm: int, varlen: bool, t_max: int | None = None):
+def _table(
+    lens: list[int], H: int, rows: int, nsm: int, varlen: bool, t_max: int | None = None, zero_all_heads: bool = False
+):
     T = t_max if t_max is not None else max(max(lens), 1)
     n_m = triton.cdiv(T, rows)
     if varlen:
         seq = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
     else:
         seq = torch.tensor(lens, dtype=torch.int32)
-    work = _split.plan(seq, varlen, T, (len(lens), H, n_m, nsm), rows)
+    work = _split.plan(seq, varlen, T, (len(lens), H, n_m, nsm), rows, zero_all_heads)
     total = _split.grid_size(n_m, len(lens), H, nsm)
     row = int(_split.ROW)
     return work[: total * row].view(total, row).tolist(), work[total * row :][:3].tolist(), n_m
@@ -57,9 +59,10 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
     """Random lengths (empty sequences included), heads, tile heights and multiprocessor counts (chosen so that
     most seeds split), padded or packed: every valid tile runs whole once or as its s parts once each (their key
     blocks cover the sequence exactly, at both key-block widths), every tile past a padded sequence's end is written
-    once and packed ones get none, sequences run longest first, s follows the cost rule, and the table's tail
-    names the split tiles for the finishing kernel."""
+    once (per head, or with zero_all_heads once for every head) and packed ones get none, sequences run longest
+    first, s follows the cost rule, and the table's tail names the split tiles for the finishing kernel."""
     rng = random.Random(seed)
+    zero_all = seed % 2 == 1
     H, rows, varlen = rng.choice([1, 2, 3]), rng.choice([64, 192]), seed % 3 == 2
     lens = [rng.choice([0, 1, 63, 64, 200, 383, 700, 1001, 1500]) for _ in range(rng.randint(1, 5))]
     lens[0] = max(lens[0], 1)
@@ -69,7 +72,7 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
     ranked = [(b, h, m) for b in order for h in range(H) for m in range(triton.cdiv(lens[b], rows))]
     N = len(ranked)
     nsm = rng.choice([k for k in range(3, N + 3)] or [5]) if seed % 4 else rng.choice([5, 7, 13, 40])
-    table, (first, n_split, s_tail), n_m = _table(lens, H, rows, nsm, varlen)
+    table, (first, n_split, s_tail), n_m = _table(lens, H, rows, nsm, varlen, zero_all_heads=zero_all)
     r = N % nsm
     s = _expected_s(r, nsm, lens[ranked[N - r][0]] if r else 0)  # the last round's longest tile
     split = set(ranked[N - r :]) if s > 1 else set()
@@ -81,7 +84,8 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
             continue
         assert n == lens[b] and start == (sum(lens[:b]) if varlen else 0), f"program {pid}: n={n} start={start}"
         if m >= triton.cdiv(lens[b], rows):
-            assert piece == -1 and not varlen, f"program {pid}: tile {(b, h, m)} past the end, piece {piece}"
+            want_piece = -3 if zero_all else -1
+            assert piece == want_piece and not varlen, f"program {pid}: tile {(b, h, m)} past the end, piece {piece}"
             empties.append((b, h, m))
             continue
         if piece == -1:
@@ -100,7 +104,8 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
             blocks = [_part_blocks(lens[t[0]], k, s, block_n) for k in range(s)]
             assert blocks[0][0] == 0 and blocks[-1][1] == triton.cdiv(lens[t[0]], block_n), f"{t}: {blocks}"
             assert all(a[1] == c[0] for a, c in itertools.pairwise(blocks)), f"tile {t}: parts {blocks} overlap"
-    want_empty = [(b, h, m) for b in order for h in range(H) for m in range(n_m) if m * rows >= lens[b]]
+    heads = [0] if zero_all else range(H)
+    want_empty = [(b, h, m) for b in order for h in heads for m in range(n_m) if m * rows >= lens[b]]
     want_empty = [] if varlen else want_empty
     assert sorted(empties) == sorted(want_empty), "tiles past the end not written exactly once"
     busy = [row for row in table if row[5] != -2]
@@ -118,12 +123,13 @@ def test_the_work_table_runs_every_tile_once_longest_first_and_splits_the_tail(s
         ([0, 0], 64, True),
     ],
 )
-def test_the_work_table_stays_inside_its_grid_at_the_edges(lens, t_max, varlen):
+@pytest.mark.parametrize("zero_all", [False, True])
+def test_the_work_table_stays_inside_its_grid_at_the_edges(lens, t_max, varlen, zero_all):
     """Lengths and T that disagree: every row the table names lies inside the grid, each tile of the first
-    ⌈T/rows⌉ runs once (whole or in parts), padded tiles past the clamped ends are written once, and the tail's
-    split tiles are rows of the table."""
+    ⌈T/rows⌉ runs once (whole or in parts), padded tiles past the clamped ends are written once (per head, or once
+    for every head), and the tail's split tiles are rows of the table."""
     H, rows, nsm = 2, 64, 3
-    table, (first, n_split, s), n_m = _table(lens, H, rows, nsm, varlen, t_max)
+    table, (first, n_split, s), n_m = _table(lens, H, rows, nsm, varlen, t_max, zero_all)
     n = [min(x, t_max) for x in lens] if not varlen else lens
     tiles = [min(triton.cdiv(x, rows), n_m) for x in n]
     N = H * sum(tiles)
@@ -137,7 +143,8 @@ def test_the_work_table_stays_inside_its_grid_at_the_edges(lens, t_max, varlen):
             for i, (b, h, m) in enumerate((b, h, m) for b in sorted(range(len(lens)), key=lambda b: (-n[b], b))
                                           for h in range(H) for m in range(tiles[b]))}  # fmt: skip
     if not varlen:
-        want |= {(b, h, m): [0] for b in range(len(lens)) for h in range(H) for m in range(tiles[b], n_m)}
+        heads = [0] if zero_all else range(H)
+        want |= {(b, h, m): [0] for b in range(len(lens)) for h in heads for m in range(tiles[b], n_m)}
     assert {k: sorted(v) for k, v in seen.items()} == want
 
 
@@ -249,8 +256,8 @@ def _spy_plans(monkeypatch) -> list[list[int]]:
     tables = []
     real = _split.plan
 
-    def spy(seq, varlen, t_max, dims, tile_rows):
-        work = real(seq, varlen, t_max, dims, tile_rows)
+    def spy(seq, varlen, t_max, dims, tile_rows, zero_all_heads=False):
+        work = real(seq, varlen, t_max, dims, tile_rows, zero_all_heads)
         tables.append((work, _split.grid_size(dims[2], dims[0], dims[1], dims[3])))
         return work
 
