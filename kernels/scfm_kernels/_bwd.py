@@ -161,11 +161,13 @@ def _dkdv_kernel(
         )
         pair = b * HK + hk
         qb0, qb1 = part_blocks(n, part, n_parts, BLOCK_M, KEY_UNIT)
+        store_heads = tl.where(piece == -3, HK, 1)  # a key block past the end for every key head: its zeros
     else:
         pid_n = tl.program_id(0)
         pair = tl.program_id(1)
         b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
         piece, qb0, qb1 = -1, 0, tl.cdiv(n, BLOCK_M)
+        store_heads = 1
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -268,11 +270,13 @@ def _dkdv_kernel(
     else:
         store_rows = key_ok if VARLEN else offs_n < T_MAX
         out_mask = store_rows[:, None] & mask_d[None, :]
-        dk_ptrs = DK + b * stride_dkb + start * stride_dkt + hk * stride_dkh
-        dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
-        dv_ptrs = DV + b * stride_dvb + start * stride_dvt + hk * stride_dvh
-        tl.store(dv_ptrs + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+        for i in range(store_heads):
+            dk_ptrs = DK + b * stride_dkb + start * stride_dkt + (hk + i) * stride_dkh
+            dk_ptrs += offs_n[:, None] * stride_dkt + offs_d[None, :]
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
+            dv_ptrs = DV + b * stride_dvb + start * stride_dvt + (hk + i) * stride_dvh
+            dv_ptrs += offs_n[:, None] * stride_dvt + offs_d[None, :]
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -696,7 +700,8 @@ def _dkdv_plan(
     key_rows: int | None,
 ) -> _split.Plan | None:
     """The dK/dV launch planned (`_split.plan` over the (batch, key head) pairs: longest sequences first, the last
-    round's key blocks in parts over the queries, key blocks past the ends last), or None for the 2-D grid:
+    round's key blocks in parts over the queries, key blocks past the ends last, one program for every key head
+    of each), or None for the 2-D grid:
     SCFM_KERNELS_BWD_PLAN=0, a batch past `_split.PLAN_MAX_B` sequences, pairs in more than one launch (a scratch
     budget too small for all their dSᵀ), or a key block not known before the launch (the autotuned Triton
     kernel). dims: (B, key heads, D)."""
@@ -704,7 +709,8 @@ def _dkdv_plan(
     if not BWD_PLAN or key_rows is None or not 1 <= B <= _split.PLAN_MAX_B or chunk < B * HK:
         return None
     # Each piece's partials: the key block's dK, then its dV (`_split.finish` reads the two halves).
-    return _split.prepare(seq, varlen, t_max, (B, HK, triton.cdiv(t_max, key_rows)), key_rows, 2 * key_rows, D)
+    dims = (B, HK, triton.cdiv(t_max, key_rows))
+    return _split.prepare(seq, varlen, t_max, dims, key_rows, 2 * key_rows, D, zero_all_heads=True)
 
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:

@@ -35,7 +35,17 @@ gluon = _fwd_ws.gluon
 if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
-    from ._fwd_ws import gl, mbarrier, seq_desc, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait
+    from ._fwd_ws import (
+        gl,
+        mbarrier,
+        seq_desc,
+        tma,
+        tma_load,
+        tma_store,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+        zero_rows,
+    )
     from ._split import KEY_UNIT, key_work, part_blocks
     from ._tile import key_head, sigmoid_parts
 
@@ -181,7 +191,9 @@ if gluon is not None:
         else:
             pair = gl.program_id(1)
             b, hk, start, n, bias_log2 = key_head(SEQ, BIAS, pair + PAIR0, HK, T_MAX, VARLEN)
-            tile, piece, qb0 = gl.program_id(0), -1, 0
+            # piece −1 from a loaded value, as in `_fwd_ws`: Triton 3.6 fails to lower a constant branch around
+            # the warp-specialized region.
+            tile, piece, qb0 = gl.program_id(0), gl.where(n < 0, -2, -1), 0
             qb1 = gl.cdiv(n, BLOCK_M)
         key0 = tile * (NUM_CONSUMERS * 64)
         # A key block past the sequence's end loads no queries; it only writes zeros (padded layout). Query blocks
@@ -189,41 +201,46 @@ if gluon is not None:
         n_blocks = gl.where(key0 < n, qb1 - qb0, 0)
         ds_head0 = pair * GROUP  # this pair's first query head in the launch's scratch
 
-        dtype: gl.constexpr = Q.dtype.element_ty
-        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
-        k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
-        kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_CONSUMERS):
-            mbarrier.init(kv_ready.index(i), count=1)
-        for i in gl.static_range(NUM_BUF):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(free.index(i), count=NUM_CONSUMERS)
+        if piece == -3:  # a key tile past a padded sequence's end, every key head: zero dK and dV rows
+            zero_rows(DK, b, key0, T_MAX, HK, stride_dkb, stride_dkt, stride_dkh, NUM_CONSUMERS * 64, HEAD_DIM)
+            zero_rows(DV, b, key0, T_MAX, HK, stride_dvb, stride_dvt, stride_dvh, NUM_CONSUMERS * 64, HEAD_DIM)
+        elif piece != -2:  # (−2: a planned program with nothing to do)
+            dtype: gl.constexpr = Q.dtype.element_ty
+            kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HEAD_DIM], dtype)
+            q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_M], dtype)
+            k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
+            v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
+            q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
+            do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
+            ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
+            kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+            ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(NUM_CONSUMERS):
+                mbarrier.init(kv_ready.index(i), count=1)
+            for i in gl.static_range(NUM_BUF):
+                mbarrier.init(ready.index(i), count=1)
+                mbarrier.init(free.index(i), count=NUM_CONSUMERS)
 
-        ld = (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n, n_blocks,
-              qb0, q_smem, do_smem, ready, free)  # fmt: skip
-        c = (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
-             stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh,
-             stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem,
-             kv_ready, q_smem, do_smem, ds_smem, ready, free)  # fmt: skip
-        # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into tensors).
-        gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
-        gl.warp_specialize(
-            [
-                (_loader, (ld, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF)),
-                (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
-                (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
-            ],
-            [4, 4],
-            [CONSUMER_REGS, CONSUMER_REGS],
-        )
+            ld = (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n,
+                  n_blocks, qb0, q_smem, do_smem, ready, free)  # fmt: skip
+            c = (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
+                 stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                 stride_dsh, stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem,
+                 v_smem, kv_ready, q_smem, do_smem, ds_smem, ready, free)  # fmt: skip
+            # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
+            # tensors).
+            gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
+            gl.warp_specialize(
+                [
+                    (_loader, (ld, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF)),
+                    (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, CONSUMER_REGS],
+            )
 
 
 KEY_ROWS = 128  # key rows per program: NUM_CONSUMERS (2) × 64 in every launch

@@ -229,11 +229,12 @@ if gluon is not None:
             gl.store(o_ptrs, acc.to(dtype), mask=store_rows[:, None])
 
     @gluon.jit
-    def _zero_rows(
+    def zero_rows(
         O, b, row0, T_MAX, H, stride_ob, stride_ot, stride_oh, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
     ):  # fmt: skip
-        """Zeros into rows [row0, row0 + ROWS) ∩ [0, T_MAX) of every head of padded sequence b: a planned
-        program past the sequence's end (piece −3), on the default partition's four warps, 64 rows at a time."""
+        """Zeros into rows [row0, row0 + ROWS) ∩ [0, T_MAX) of all H heads of padded sequence b of O ([B, T, H,
+        HEAD_DIM]: the output, or dK or dV): a planned program past the sequence's end (piece −3), on the default
+        partition's four warps, 64 rows at a time."""
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
         zeros = gl.zeros([64, HEAD_DIM], O.dtype.element_ty, layout)
@@ -284,7 +285,7 @@ if gluon is not None:
         part_base = PART + gl.maximum(piece, 0).to(gl.int64) * (NUM_CONSUMERS * BLOCK_M * HEAD_DIM)
 
         if piece == -3:  # tiles of rows past a padded sequence's end, every head: zeros, no keys, no barriers
-            _zero_rows(O, b, row0, T_MAX, H, stride_ob, stride_ot, stride_oh, NUM_CONSUMERS * BLOCK_M, HEAD_DIM)
+            zero_rows(O, b, row0, T_MAX, H, stride_ob, stride_ot, stride_oh, NUM_CONSUMERS * BLOCK_M, HEAD_DIM)
         elif piece != -2:  # (−2: a planned program with nothing to do)
             dtype: gl.constexpr = Q.dtype.element_ty
             q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)

@@ -149,7 +149,7 @@ def key_work(WORK, BIAS, pid, N_TILES):
     """What program pid of a planned key-side launch (the backward's dK/dV over (batch, key head) pairs, split
     along the queries) works on: (b, key head, key tile, part, parts, piece, the sequence's first row and length,
     −bias·log2 e). A program with nothing to do gets length 0 and key tile N_TILES, past the last (whose rows
-    start past T_MAX): it loads and stores nothing."""
+    start past T_MAX): it loads and stores nothing. Piece −3: a key tile past the end for every key head (h = 0)."""
     b, hk, m, part, parts, piece, n, start = work_item(WORK, pid)
     idle = piece == -2
     b = b.to(tl.int64)
