@@ -85,11 +85,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scale, ctx.varlen, ctx.max_seqlen, ctx.deterministic = scale, varlen, max_seqlen, deterministic
 
 
-def _backward(ctx, do: torch.Tensor):
+def _grads(ctx, do: torch.Tensor, backward) -> tuple:
+    """dq, dk, dv from `backward` (`_bwd_op`, or `attention_backward` itself) at ctx's saved inputs, then None for
+    each input that takes no gradient."""
     q, k, v, seq, bias_B = ctx.saved_tensors
-    args = (seq, bias_B, ctx.scale, ctx.varlen, ctx.max_seqlen, ctx.deterministic)
-    dq, dk, dv = _bwd_op(do.contiguous(), q, k, v, *args)
+    args = (seq, bias_B, ctx.scale, ctx.varlen, ctx.max_seqlen)
+    dq, dk, dv = backward(do.contiguous(), q, k, v, *args, deterministic=ctx.deterministic)
     return dq, dk, dv, None, None, None, None, None, None
+
+
+def _backward(ctx, do: torch.Tensor):
+    return _grads(ctx, do, _bwd_op)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -105,10 +111,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, seq, bias_B = ctx.saved_tensors
-        args = (seq, bias_B, ctx.scale, ctx.varlen, ctx.max_seqlen)
-        dq, dk, dv = attention_backward(do.contiguous(), q, k, v, *args, deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        return _grads(ctx, do, attention_backward)
 
 
 def _attend(*args) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Host µs per call of each part of one forward and one backward call at a bench shape, with the GPU kept busy
 beforehand (a sleep kernel) so that nothing waits for the device: which part of the host's time to cut.
 
-Parts: the whole public call; the bias vector; the plan launch; the main launch through the autotuner and as a
-fixed launch; the finish launch; an empty Triton kernel of as many arguments (the floor of a Triton launch);
-`torch.empty`. Prints a table.
+Parts: the whole public call (with and without autograd); `attention_forward` (plan, kernel and finish launches);
+the backward; the bias vector; the plan alone; the finish launch alone; an empty Triton kernel of 23 arguments (the
+floor of a Triton launch); `torch.empty`. Prints a table.
 
     PYTHONPATH=$PWD/kernels python3 tests/gpu/launch_probe.py --length 4096 --pad 0.5
 """
