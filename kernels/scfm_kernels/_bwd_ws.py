@@ -101,7 +101,14 @@ if gluon is not None:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-        if n_blocks > 0:
+        if n_blocks > 0 and key0 >= n:
+            # Key rows all past the end (the second consumer of a sequence's last key tile): their dK, dV rows are
+            # zeros and their dSᵀ rows lie outside the n × n corner `_bwd._dq_ds_kernel` reads, so the consumer
+            # only releases each stage as it lands, and the other consumer gets the tensor cores.
+            for jj in range(GROUP * n_blocks):
+                mbarrier.wait(ready.index(jj % NUM_BUF), (jj // NUM_BUF) & 1)
+                mbarrier.arrive(free.index(jj % NUM_BUF))
+        elif n_blocks > 0:
             k_base = K + b * stride_kb + start * stride_kt + hk * stride_kh
             v_base = V + b * stride_vb + start * stride_vt + hk * stride_vh
             k_desc = seq_desc(k_base, n, stride_kt, BLOCK_N, HEAD_DIM)

@@ -4,6 +4,8 @@
         # a subset: D = 128 dense at 8K and 16K, with SDPA but without TritonSigmoid
     python -m scfm_kernels.bench --dims 128 --lengths 8192,16384 --pads 0 --ts-dims "" --rounds 5
         # the same, every kernel timed in 5 rounds taken in turn, medians (the card's clock drifts under load)
+    python -m scfm_kernels.bench --dims 128 --ts-dims 128 --rounds 3 --targets-only --no-sigmoid-study
+        # the grid the targets read (ours, TritonSigmoid, cuDNN), each timed in 3 rounds taken in turn
 
 Shapes: bf16, D ∈ {64, 128}, L ∈ {4096, 8192, 16384}, B = 16384 / L, H = 2048 / D, dense and 25% / 50%
 padded (lengths uniform in [L(1 − p), L]). `ours_bwd`: the default backward (dQ from the stored dS where it
@@ -138,11 +140,16 @@ def _time_variant(v: _Variant) -> dict[str, float]:
     return times
 
 
-def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, alt_dkdv: bool) -> list[_Variant]:
-    """What the bench times at one shape (module docstring), in the order it times them."""
+def _variants(
+    q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, alt_dkdv: bool, targets_only: bool = False
+) -> list[_Variant]:
+    """What the bench times at one shape (module docstring), in the order it times them; targets_only: only the
+    columns the targets read (ours, TritonSigmoid, cuDNN)."""
     qkv = (q, k, v)
     ours = lambda q=q, k=k, v=v, s=seq: sigmoid_attention(q, k, v, s)  # noqa: E731
     out = [_Variant(ours, qkv, "ours_fwd", "ours_bwd")]
+    if targets_only:
+        return out + _baselines(q, k, v, lens, seq, L, D, ts, ts_dims, compare, ("cudnn",))
     if _fwd_ws.supported(q, True) and _fwd_ws.TAIL_SPLIT:  # the same forward, not planned
         out.append(_Variant(ours, qkv, "ours_fwd_whole", None, lambda: _module_setting(_fwd_ws, "TAIL_SPLIT", False)))
     # The same backward with the dK/dV launch the other way (planned or the 2-D grid) than the default.
@@ -155,6 +162,13 @@ def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, al
     # Where the stored path is the default with either dK/dV kernel (D = 128): the Triton one.
     if alt_dkdv and _bwd_ws.supported(q, True) and _bwd.pick_dq_path(True, True, 1, D, L, 2, 2**40)[0] == "stored":
         out.append(_Variant(ours, qkv, None, "ours_bwd_tr", lambda: _module_setting(_bwd, "BWD_KERNEL", "triton")))
+    return out + _baselines(q, k, v, lens, seq, L, D, ts, ts_dims, compare, ("flash", "cudnn"))
+
+
+def _baselines(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, sdpa_backends: tuple[str, ...]):
+    """TritonSigmoid (at ts_dims) and the SDPA softmax backends named (dense shapes only), as bench variants."""
+    qkv = (q, k, v)
+    out: list[_Variant] = []
     if ts is not None and D in ts_dims:
         if seq is None:
             ts_fn = lambda q=q, k=k, v=v, L=L: ts.sigmoid_attention(q, k, v, sigmoid_bias=-math.log(L))  # noqa: E731
@@ -166,10 +180,10 @@ def _variants(q, k, v, lens, seq, L: int, D: int, ts, ts_dims, compare: bool, al
     if compare and seq is None:
         qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in qkv)
         sdpa = lambda qt=qt, kt=kt, vt=vt: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
-        for name, backend in (
-            ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION),
-            ("cudnn", torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
-        ):
+        backends = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                    "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}  # fmt: skip
+        for name in sdpa_backends:
+            backend = backends[name]
             setting = lambda b=backend: torch.nn.attention.sdpa_kernel(b)  # noqa: E731
             out.append(_Variant(sdpa, (qt, kt, vt), f"{name}_fwd", f"{name}_bwd", setting, backend=name))
     return out
@@ -185,24 +199,28 @@ def run_table(
     pads: tuple[float, ...] = (0.0, 0.25, 0.5),
     alt_dkdv: bool = True,
     rounds: int = 1,
+    targets_only: bool = False,
 ) -> list[Row]:
-    """One row per shape. With rounds > 1 every variant is timed once per round, the variants in turn within a
-    round (so the card's clock drifts over all of them alike); each column is the median of its rounds, and the
-    rounds' times are kept under "rounds_ms"."""
+    """One row per shape. With rounds > 1 every variant of every shape of one (D, L) — dense and padded — is timed
+    once per round, the shapes and their variants in turn within a round (so the card's clock, which drifts under
+    load, weighs on the padded/dense ratios and on the baselines alike); each column is the median of its rounds,
+    and the rounds' times are kept under "rounds_ms"."""
     ts = _triton_sigmoid(ts_full) if compare and ts_dims else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[Row] = []
     for D in dims:
         for L in [n for n in lengths if n <= 8192] if quick else lengths:
+            shapes = []  # (row, variants, credited flops, times) per padding fraction
             for pad in pads:
                 B, H = 16384 // L, 2048 // D
                 q, k, v, lens = _inputs(B, L, H, D, pad, gen)
                 flops = sum(4.0 * H * D * n * n for n in lens.tolist())
                 seq = None if pad == 0 else lens
                 row: Row = {"D": D, "L": L, "B": B, "H": H, "pad": pad, "lens": lens.tolist()}
-                variants = _variants(q, k, v, lens, seq, L, D, ts, ts_dims, compare, alt_dkdv)
-                times: dict[str, list[float]] = {}
-                for _ in range(rounds):
+                variants = _variants(q, k, v, lens, seq, L, D, ts, ts_dims, compare, alt_dkdv, targets_only)
+                shapes.append((row, variants, flops, {}))
+            for _ in range(rounds):
+                for row, variants, _, times in shapes:
                     for variant in list(variants):
                         try:
                             for col, ms in _time_variant(variant).items():
@@ -212,6 +230,7 @@ def run_table(
                                 raise
                             row[f"{variant.backend}_error"] = str(exc)[:120]
                             variants.remove(variant)
+            for row, variants, flops, times in shapes:
                 forward = {variant.fwd for variant in variants}
                 for col, ms in times.items():
                     median = sorted(ms)[len(ms) // 2]
@@ -220,7 +239,7 @@ def run_table(
                     row["rounds_ms"] = times
                 rows.append(row)
                 print(_format_row(row), flush=True)
-                del q, k, v
+            del shapes
     return rows
 
 
@@ -322,6 +341,11 @@ def main() -> None:
     parser.add_argument("--pads", default="0,0.25,0.5", help="padding fractions (comma list)")
     parser.add_argument("--no-alt-dkdv", action="store_true", help="skip the ours_bwd_tr column")
     parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="time only the columns the targets read: ours, TritonSigmoid and cuDNN (no alternative launches, no flash)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1, help="time every variant this many times, in turn; report the medians"
     )
     args = parser.parse_args()
@@ -350,6 +374,7 @@ def main() -> None:
         pads,
         not args.no_alt_dkdv,
         max(1, args.rounds),
+        args.targets_only,
     )
     result["rows"] = rows
     print("\n" + HEADER)

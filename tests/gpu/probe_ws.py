@@ -51,6 +51,7 @@ def time_shape(
     gen: torch.Generator,
     backward: bool = True,
     bwd_sigs: tuple[int, ...] = (1,),
+    forward: bool = True,
 ) -> dict:
     q, k, v, go = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
@@ -59,7 +60,7 @@ def time_shape(
     flops = sum(4.0 * H * D * n * n for n in lens.tolist())
     bias, scale = -torch.log(lens.float()), D**-0.5
     row: dict = {"D": D, "shape": name, "B": B, "L": L, "H": H, "lens": lens.tolist()}
-    for i, cfg in enumerate(_fwd_ws.fwd_ws_configs(D)):
+    for i, cfg in enumerate(_fwd_ws.fwd_ws_configs(D) if forward else []):
         for split, tag in ((1, ""), (0, "w")):
             c = dict(cfg, KERNEL="ws", SPLIT=split)
             fn = lambda c=c: _fwd.attention_forward(q, k, v, lens, bias, scale, False, L, config=c)  # noqa: E731
@@ -88,7 +89,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--dims", default="128,64")
     parser.add_argument("--forward-only", action="store_true", help="time the forward launches only")
+    parser.add_argument("--backward-only", action="store_true", help="time the backward launches only")
     parser.add_argument("--bwd-sig", default="1", help="dK/dV reciprocal steps to time (comma list of 1, 3)")
+    parser.add_argument("--shapes", default="", help="only these shapes (comma list of names, e.g. '8K,16K p.5')")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     for D in (int(d) for d in args.dims.split(",")):
@@ -100,8 +103,11 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(2)
     sigs = tuple(int(x) for x in args.bwd_sig.split(","))
     for D in (int(d) for d in args.dims.split(",")):
-        for shape in _shapes(D):
-            row = time_shape(D, *shape, gen, backward=not args.forward_only, bwd_sigs=sigs)
+        wanted = {x.strip() for x in args.shapes.split(",") if x.strip()}
+        for shape in [s for s in _shapes(D) if not wanted or s[0] in wanted]:
+            row = time_shape(
+                D, *shape, gen, backward=not args.forward_only, bwd_sigs=sigs, forward=not args.backward_only
+            )
             rows.append(row)
             cells = [f"{k}={v:.0f}" for k, v in row.items() if isinstance(v, float)]
             print(f"D={D} {row['shape']:>8} lens={row['lens'][:4]} " + " ".join(cells), flush=True)
