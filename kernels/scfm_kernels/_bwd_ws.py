@@ -38,6 +38,7 @@ if gluon is not None:
     from ._fwd_ws import (
         gl,
         mbarrier,
+        release_stages,
         seq_desc,
         tma,
         tma_load,
@@ -105,9 +106,7 @@ if gluon is not None:
             # Key rows all past the end (the second consumer of a sequence's last key tile): their dK, dV rows are
             # zeros and their dSᵀ rows lie outside the n × n corner `_bwd._dq_ds_kernel` reads, so the consumer
             # only releases each stage as it lands, and the other consumer gets the tensor cores.
-            for jj in range(GROUP * n_blocks):
-                mbarrier.wait(ready.index(jj % NUM_BUF), (jj // NUM_BUF) & 1)
-                mbarrier.arrive(free.index(jj % NUM_BUF))
+            release_stages(ready, free, GROUP * n_blocks, NUM_BUF)
         elif n_blocks > 0:
             k_base = K + b * stride_kb + start * stride_kt + hk * stride_kh
             v_base = V + b * stride_vb + start * stride_vt + hk * stride_vh

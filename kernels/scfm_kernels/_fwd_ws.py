@@ -161,7 +161,7 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _release_stages(v_ready, kv_free, n_blocks, NUM_BUF: gl.constexpr):
+    def release_stages(v_ready, kv_free, n_blocks, NUM_BUF: gl.constexpr):
         """A consumer with no rows to compute: arrives on each stage's release once its fill has landed (waiting for
         the fill keeps each arrival in its own round, so the loader still refills a stage only when all are done)."""
         for j in range(n_blocks):
@@ -200,7 +200,7 @@ if gluon is not None:
         if n_blocks > 0 and row0 >= n:
             # Rows all past the end (the later consumers of a sequence's last tile): no product of theirs would
             # count, so the consumer only releases each stage as it lands, and the others get the tensor cores.
-            _release_stages(v_ready, kv_free, n_blocks, NUM_BUF)
+            release_stages(v_ready, kv_free, n_blocks, NUM_BUF)
         elif n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)
             mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
             tma_load(q_desc, [row0, 0], q_ready, q_smem)

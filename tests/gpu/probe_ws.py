@@ -102,8 +102,8 @@ def main() -> None:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(2)
     sigs = tuple(int(x) for x in args.bwd_sig.split(","))
+    wanted = {x.strip() for x in args.shapes.split(",") if x.strip()}
     for D in (int(d) for d in args.dims.split(",")):
-        wanted = {x.strip() for x in args.shapes.split(",") if x.strip()}
         for shape in [s for s in _shapes(D) if not wanted or s[0] in wanted]:
             row = time_shape(
                 D, *shape, gen, backward=not args.forward_only, bwd_sigs=sigs, forward=not args.backward_only
