@@ -127,26 +127,45 @@ if gluon is not None:
         return gl.convert_layout(p.to(dtype), p_layout)
 
     @gluon.jit
+    def _take_turn(turn, WG: gl.constexpr, r, PINGPONG: gl.constexpr):
+        """PINGPONG: waits until consumer WG may issue its products of round r (the previous consumer's of the round
+        are issued; consumer 0 waits for the last one's of round r − 1, its round 0 pre-arrived)."""
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), r & 1)
+
+    @gluon.jit
+    def _pass_turn(turn, WG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+        """PINGPONG: hands the next consumer its turn once WG's products of the round are issued."""
+        if PINGPONG:
+            mbarrier.arrive(turn.index((WG + 1) % NUM_CONSUMERS))
+
+    @gluon.jit
     def _key_loop(
-        q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
-        p_layout: gl.constexpr, NUM_BUF: gl.constexpr, SIG: gl.constexpr,
+        q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, turn, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
+        p_layout: gl.constexpr, NUM_BUF: gl.constexpr, SIG: gl.constexpr, WG: gl.constexpr,
+        NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
     ):  # fmt: skip
         """One consumer's key loop: per block j, S_j and P_{j-1}·V_{j-1} are issued together, S_j awaited, P_j computed
         under the P·V product, which is awaited before the next block. acc [BLOCK_M, D] float32; returns it.
         (Issuing S_{j+1} before computing P_j, one P·V product in flight across blocks, measured 9–18% slower with
-        three consumers: docs/benchmarks.md, run 14.)"""
+        three consumers: docs/benchmarks.md, run 14.) PINGPONG: the consumers issue each round's products in turn
+        (`_take_turn`), so that one's weights run under the others' products."""
         dtype: gl.constexpr = q_smem.dtype
         mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, WG, 0, PINGPONG)
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        _pass_turn(turn, WG, NUM_CONSUMERS, PINGPONG)
         s = warpgroup_mma_wait(0, deps=(s,))
         p = _weights(s, neg_scale_log2e, bias_log2, dtype, p_layout, SIG)
         for j in range(1, n_blocks):
             stage = j % NUM_BUF
             prev = (j - 1) % NUM_BUF
             mbarrier.wait(k_ready.index(stage), (j // NUM_BUF) & 1)
-            s_next = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_BUF) & 1)
+            _take_turn(turn, WG, j, PINGPONG)
+            s_next = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+            _pass_turn(turn, WG, NUM_CONSUMERS, PINGPONG)
             # Products retire in issue order: one outstanding means S_j is done and P_{j-1}·V_{j-1} may run on.
             s = warpgroup_mma_wait(1, deps=(s_next,))
             p_next = _weights(s, neg_scale_log2e, bias_log2, dtype, p_layout, SIG)
@@ -155,7 +174,9 @@ if gluon is not None:
             p = p_next
         last = (n_blocks - 1) % NUM_BUF
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_BUF) & 1)
+        _take_turn(turn, WG, n_blocks, PINGPONG)
         acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+        _pass_turn(turn, WG, NUM_CONSUMERS, PINGPONG)
         acc, _ = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(kv_free.index(last))
         return acc
@@ -170,16 +191,30 @@ if gluon is not None:
             mbarrier.arrive(kv_free.index(stage))
 
     @gluon.jit
+    def _release_stages_in_turn(
+        v_ready, kv_free, turn, n_blocks, WG: gl.constexpr, NUM_BUF: gl.constexpr, NUM_CONSUMERS: gl.constexpr
+    ):  # fmt: skip
+        """`release_stages` for a ping-pong launch: the consumer also passes on each of its turns (one per key block
+        and the last P·V product's, as `_key_loop` takes them), or the others would wait for it."""
+        for r in range(n_blocks + 1):
+            _take_turn(turn, WG, r, 1)
+            _pass_turn(turn, WG, NUM_CONSUMERS, 1)
+            if r < n_blocks:
+                mbarrier.wait(v_ready.index(r % NUM_BUF), (r // NUM_BUF) & 1)
+                mbarrier.arrive(kv_free.index(r % NUM_BUF))
+
+    @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, TRACING: gl.constexpr,
+        NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
     ):  # fmt: skip
         """Consumer WG (0-based) of the program: query rows [row0 + WG·BLOCK_M, + BLOCK_M). TRACING: consumer 0
         writes trace[4] and [6] (its Q has landed: global timer, cycle counter) and trace[5] and [7] (its key loop
         is done)."""
         (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e, bias_log2, b,
          h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-         kv_free, trace) = args  # fmt: skip
+         kv_free, turn, trace) = args  # fmt: skip
         tile_row0 = row0
         row0 = row0 + WG * BLOCK_M
         q_smem = q_smem.index(WG)
@@ -199,8 +234,12 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         if n_blocks > 0 and row0 >= n:
             # Rows all past the end (the later consumers of a sequence's last tile): no product of theirs would
-            # count, so the consumer only releases each stage as it lands, and the others get the tensor cores.
-            release_stages(v_ready, kv_free, n_blocks, NUM_BUF)
+            # count, so the consumer only releases each stage as it lands (and passes on its turns: one per block
+            # and the last P·V product's), and the others get the tensor cores.
+            if PINGPONG:
+                _release_stages_in_turn(v_ready, kv_free, turn, n_blocks, WG, NUM_BUF, NUM_CONSUMERS)
+            else:
+                release_stages(v_ready, kv_free, n_blocks, NUM_BUF)
         elif n_blocks > 0:  # (an empty packed sequence at the end has no row to load from)
             mbarrier.expect(q_ready, BLOCK_M * HEAD_DIM * dtype.primitive_bitwidth // 8)
             tma_load(q_desc, [row0, 0], q_ready, q_smem)
@@ -209,8 +248,8 @@ if gluon is not None:
                 gl.store(trace + 4, _clock())
                 gl.store(trace + 6, _cycles())
             acc = _key_loop(
-                q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, n_blocks, acc, zero_s, neg_scale_log2e, bias_log2,
-                p_layout, NUM_BUF, SIG,
+                q_smem, k_smem, v_smem, k_ready, v_ready, kv_free, turn, n_blocks, acc, zero_s, neg_scale_log2e,
+                bias_log2, p_layout, NUM_BUF, SIG, WG, NUM_CONSUMERS, PINGPONG,
             )  # fmt: skip
             if TRACING and WG == 0:
                 gl.store(trace + 5, _clock())
@@ -256,7 +295,7 @@ if gluon is not None:
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr = 2, LEN_BUCKET: gl.constexpr = 0, SPLIT: gl.constexpr = 0,
-        TRACING: gl.constexpr = 0,
+        TRACING: gl.constexpr = 0, PINGPONG: gl.constexpr = 0,
     ):  # fmt: skip
         """SPLIT=1: a planned launch, program i doing row i of the work table WORK (`_split`: longest sequences
         first, the last round's tiles in parts over the keys with partials to PART, a padded sequence's tiles past
@@ -303,20 +342,31 @@ if gluon is not None:
                 mbarrier.init(k_ready.index(i), count=1)
                 mbarrier.init(v_ready.index(i), count=1)
                 mbarrier.init(kv_free.index(i), count=NUM_CONSUMERS)  # every consumer releases each stage
+            turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+            if PINGPONG:
+                for i in gl.static_range(NUM_CONSUMERS):
+                    mbarrier.init(turn.index(i), count=1)
+                mbarrier.arrive(turn.index(0))  # consumer 0's first turn
 
             kv = (K, V, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, b, hk, start, n, n_blocks,
                   kb0, k_smem, v_smem, k_ready, v_ready, kv_free)  # fmt: skip
             c = (Q, O, part_base, stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, neg_scale_log2e,
                  bias_log2, b, h, start, n, n_blocks, row0, T_MAX, piece, q_smem, k_smem, v_smem, q_ready, k_ready,
-                 v_ready, kv_free, trace)  # fmt: skip
+                 v_ready, kv_free, turn, trace)  # fmt: skip
             # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
             # tensors).
             if NUM_CONSUMERS == 2:
                 gl.warp_specialize(
                     [
                         (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                        (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                        (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                        (
+                            _consumer,
+                            (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING, NUM_CONSUMERS, PINGPONG),
+                        ),
+                        (
+                            _consumer,
+                            (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING, NUM_CONSUMERS, PINGPONG),
+                        ),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -326,9 +376,18 @@ if gluon is not None:
                 gl.warp_specialize(
                     [
                         (_loader, (kv, HEAD_DIM, BLOCK_N, NUM_BUF)),
-                        (_consumer, (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                        (_consumer, (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
-                        (_consumer, (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING)),
+                        (
+                            _consumer,
+                            (c, 0, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING, NUM_CONSUMERS, PINGPONG),
+                        ),
+                        (
+                            _consumer,
+                            (c, 1, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING, NUM_CONSUMERS, PINGPONG),
+                        ),
+                        (
+                            _consumer,
+                            (c, 2, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_BUF, VARLEN, SIG, TRACING, NUM_CONSUMERS, PINGPONG),
+                        ),
                     ],
                     [4, 4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
@@ -342,24 +401,30 @@ if gluon is not None:
             gl.store(trace + 3, sm.to(gl.int64))
 
 
-def _launch(dims: tuple[int, ...], consumers: int, block_n: int, stages: int, regs: int) -> dict:
-    return dict(DIMS=dims, NUM_CONSUMERS=consumers, BLOCK_M=64, BLOCK_N=block_n, NUM_BUF=stages, CONSUMER_REGS=regs)
+def _launch(dims: tuple[int, ...], consumers: int, block_n: int, stages: int, regs: int, pingpong: int = 0) -> dict:
+    return dict(
+        DIMS=dims, NUM_CONSUMERS=consumers, BLOCK_M=64, BLOCK_N=block_n, NUM_BUF=stages, CONSUMER_REGS=regs,
+        PINGPONG=pingpong,
+    )  # fmt: skip
 
 
 def fwd_ws_configs(head_dim: int | None = None) -> list[dict]:
     """The launches the autotuner chooses from (for one head dim, or all): NUM_CONSUMERS warp groups of BLOCK_M
     query rows, BLOCK_N keys per stage, NUM_BUF stages, CONSUMER_REGS registers per consumer thread (the loader
-    keeps the rest). None spills registers (ptxas, sm_90: tests/unit/test_kernels_ws.py). Sweep of 2026-12-01
-    (tests/gpu/probe_fwd_ws.py; docs/benchmarks.md, run 14), D = 128, TFLOPS at 8K dense / 8K p = .25 / 16K dense:
-    two consumers, 64 keys, 3 stages 557 / 541 / 569, 4 stages 551 / 523 / 557, 128 keys 529 / 511 / 548; three
-    consumers, 64 keys, 3 / 4 / 5 stages 582 / 567 / 598, 598 / 499 / 603, 584 / 560 / 595. D = 64, 8K dense:
-    three consumers, 128 keys, 3 stages 455 (two consumers 404), 64 keys, 4 stages 437."""
+    keeps the rest), PINGPONG 1: the consumers issue their products in turn (`_key_loop`). None spills registers
+    (ptxas, sm_90: tests/unit/test_kernels_ws.py). Sweep of 2026-12-01 (tests/gpu/probe_fwd_ws.py;
+    docs/benchmarks.md, run 14), D = 128, TFLOPS at 8K dense / 8K p = .25 / 16K dense: two consumers, 64 keys, 3
+    stages 557 / 541 / 569, 4 stages 551 / 523 / 557, 128 keys 529 / 511 / 548; three consumers, 64 keys, 3 / 4 /
+    5 stages 582 / 567 / 598, 598 / 499 / 603, 584 / 560 / 595. D = 64, 8K dense: three consumers, 128 keys, 3
+    stages 455 (two consumers 404), 64 keys, 4 stages 437. Ping-pong (run 24, planned, 8K / 16K / 16K p = .5): at
+    D = 64, 128 keys 442 / 458 / 446 → 450 / 462 / 444 and 64 keys 440 / 453 / 442 → 450 / 458 / 449; at D = 128
+    level or slower (8K 610 → 618, 16K 634 → 628, the trainer's batch 635 → 607), so D = 128 keeps it off."""
     configs = [
         _launch((128,), 3, 64, 4, 160),
         _launch((128,), 3, 64, 3, 160),
+        _launch((64,), 3, 128, 3, 160, 1),
+        _launch((64,), 3, 64, 4, 160, 1),
         _launch((64,), 3, 128, 3, 160),
-        _launch((64,), 3, 64, 4, 160),
-        _launch((64,), 3, 128, 4, 160),
     ]
     return for_head_dim(configs, head_dim)
 
