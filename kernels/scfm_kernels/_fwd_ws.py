@@ -14,6 +14,8 @@ asynchronous warp-group products, then computes the weights P_j = sigmoid(S_j) w
 barrier joins the consumers, so one consumer's weights run under another's products: the schedule `_fwd` cannot
 express, whose two warp groups meet at a barrier every key block (docs/benchmarks.md, run 12). Measured on the
 H200 (run 14): 577–587 TFLOPS at D = 128, L = 8K/16K, dense and 25% padded, against 531–540 dense for `_fwd`.
+Launches with PINGPONG=1 also pass a turn between the consumers (an mbarrier each), so that they issue each
+round's products one after another (run 24: +1–2% at D = 64, level at D = 128, where the list leaves it off).
 
 Same arithmetic as `_fwd` (`sigmoid_from_log2`), same output: rows past a sequence's end are written as 0 in the
 padded layout and not at all when packed. Needs a Hopper GPU, 16-bit inputs that `tma_ok` accepts and D ∈ {64,
