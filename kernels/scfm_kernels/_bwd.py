@@ -17,7 +17,9 @@ fixed order (deterministic), the blocks past the ends last: 1.03-1.08x the 2-D g
 H200 (docs/benchmarks.md, run 19); SCFM_KERNELS_BWD_PLAN=0 keeps the 2-D grid.
 Opt-in (`deterministic=False`, 16-bit inputs on tensor-descriptor hardware): one pass, the dK/dV kernel also
 computes each pair's dQ share and adds it into a float32 buffer with one bulk tensor reduce per
-tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7.
+tile (element atomics under the CPU interpreter, which has no bulk reduce); 5 tile products per pair, not 7. On
+Hopper at `_bwd_ws.ONE_PASS_HEAD_DIMS` (64) the warp-specialized dK/dV kernel serves it (ONE_PASS): 1.02-1.04x
+the stored path there (run 25).
 
 Shape key: B batch, T padded length (or the longest packed sequence), H query heads, K key/value heads,
 D head dim, BD head dim padded to a power of two.
@@ -587,7 +589,9 @@ def attention_backward(
           5 tile products per score pair plus one streamed product, no second sigmoid; deterministic;
       "recompute": the dQ kernel recomputes S, P and dP (7 products per pair), no scratch;
       "one_pass" (deterministic=False): the dK/dV kernel adds each pair's dQ share into a float32 buffer with
-          atomics (5 products; the summation order, and so the last bits of dQ, vary between runs).
+          bulk reduces (5 products; the summation order, and so the last bits of dQ, vary between runs); the
+          warp-specialized kernel's at D = 64 on Hopper (dkdv_config KERNEL="ws" with ONE_PASS=2: element atomics
+          instead, benchmarks only), the Triton kernel's elsewhere.
     dkdv_config / dq_config (benchmarks): fixed launches instead of the autotuners, as in `attention_forward`;
     dq_config is the launch of whichever dQ kernel runs. Benchmark-only keys: USE_TMA=False (pointer loads,
     "recompute" only), ATOMIC_DQ 1 (element atomics) or 2 (bulk reduce, default) for "one_pass", STORE_DS 1
@@ -666,7 +670,8 @@ def attention_backward(
                 *tail)  # fmt: skip
         grid = lambda m, c=c: (plan.total,) if plan is not None else (triton.cdiv(t_max, m["BLOCK_N"]), c)  # noqa: E731
         if ws:
-            _bwd_ws.launch(args, kmeta, grid(dict(BLOCK_N=key_rows)), kcfg or None)
+            ws_meta = dict(kmeta, ONE_PASS=int(path == "one_pass"))  # 1: bulk reduces of the dQ shares
+            _bwd_ws.launch(args, ws_meta, grid(dict(BLOCK_N=key_rows)), kcfg or None)
         else:
             _launch(_dkdv_kernel, _dkdv_tuned, kcfg or fixed, grid, args, kmeta)
         if plan is not None:  # the split key blocks' partial dK and dV, added into place
@@ -714,21 +719,25 @@ def _dkdv_plan(
 
 
 def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_default: bool) -> bool:
-    """Whether the stored path's dK/dV kernel is the warp-specialized one (`_bwd_ws`): asked for with
-    dkdv_config KERNEL="ws" (an error where it cannot run); without a dkdv_config, on the stored path when
-    ws_default (it can run and SCFM_KERNELS_BWD is not "triton"); not for a launch of the Triton kernel
-    (KERNEL absent or "triton")."""
+    """Whether the dK/dV kernel is the warp-specialized one (`_bwd_ws`): asked for with dkdv_config KERNEL="ws"
+    (an error where it cannot run); without a dkdv_config, when ws_default (it can run and SCFM_KERNELS_BWD is not
+    "triton") on the stored path, and on the one-pass path at `_bwd_ws.ONE_PASS_HEAD_DIMS`; not for a launch of
+    the Triton kernel (KERNEL absent or "triton")."""
+    one_pass_ok = path == "one_pass" and q.shape[-1] in _bwd_ws.ONE_PASS_HEAD_DIMS
     if kcfg is None:
-        return ws_default and path == "stored"
-    can = path == "stored" and _bwd_ws.supported(q, use_tma)
+        return ws_default and (path == "stored" or one_pass_ok)
+    can = (path == "stored" or one_pass_ok) and _bwd_ws.supported(q, use_tma)
     asked = kcfg.get("KERNEL", "triton")
     if asked not in ("triton", "ws"):
         raise ValueError(f"dkdv_config KERNEL={asked!r}: expected 'triton' or 'ws'")
     if asked == "ws" and not can:
         raise ValueError(
-            f"dkdv_config KERNEL='ws' needs the stored-dS path on Hopper with 16-bit descriptor-friendly inputs and D "
-            f"in {_bwd_ws.HEAD_DIMS}; got path {path!r}, {q.dtype}, D={q.shape[-1]} on {q.device}"
+            f"dkdv_config KERNEL='ws' needs Hopper with 16-bit descriptor-friendly inputs, D in {_bwd_ws.HEAD_DIMS} "
+            f"on the stored-dS path or D in {_bwd_ws.ONE_PASS_HEAD_DIMS} on the one-pass path; got path {path!r}, "
+            f"{q.dtype}, D={q.shape[-1]} on {q.device}"
         )
+    if asked == "ws" and path == "one_pass" and kcfg.get("BLOCK_M", 64) != 64:
+        raise ValueError(f"dkdv_config BLOCK_M={kcfg['BLOCK_M']!r}: the one-pass warp-specialized kernel needs 64")
     return asked == "ws"
 
 

@@ -13,6 +13,10 @@ One program owns NUM_CONSUMERS·64 key rows of one (batch, key head) pair and ru
     dPᵀ runs), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ with 1 − P = e·P (`_tile.sigmoid_parts`), dV += Pᵀ dO_j and dK += dSᵀ Q_j
     from registers, and dSᵀ (16-bit) goes to the scratch buffer through shared memory and a bulk tensor store, for
     `_bwd._dq_ds_kernel` to stream into dQ. Every output element is written once: deterministic.
+One pass (ONE_PASS=1, `deterministic=False`, D = 64): instead of storing dSᵀ, each consumer also forms the block's
+dQ share dS K (dS read back from shared memory as a transposed operand) and adds it into a float32 dQ buffer with
+one bulk tensor reduce; the order of those additions varies from run to run. Measured on the H200 (run 25):
+1.02-1.04x the stored path at D = 64, and element atomics instead of the reduce 0.62x.
 Planned (PLANNED=1, `_bwd._dkdv_plan`): program i takes its pair, key block and query blocks from row i of the
 work table; a part of a split key block writes float32 partial dK and dV instead, for `_split.finish`.
 The run-14 ptxas report for `_dkdv_kernel` (255 registers, 136–300 bytes of spills per thread) is what this
@@ -33,7 +37,18 @@ gluon = _fwd_ws.gluon
 
 
 if gluon is not None:
+    from triton._C.libtriton import ir
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
+    from triton.language.core import builtin
+
+    @builtin
+    def tma_reduce_add(desc, coord, value, _semantic=None):
+        """Adds the register tile `value` into global memory at `coord` of `desc` with one bulk tensor reduce (the
+        copy engine's float32 add, staged through shared memory by the compiler, which waits for the copy to have
+        read it). Triton 3.6's Gluon has no function for it: this is Triton's `tensor_descriptor.atomic_add` on a
+        Gluon descriptor."""
+        offsets = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_descriptor_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, offsets)
 
     from ._fwd_ws import (
         gl,
@@ -77,14 +92,14 @@ if gluon is not None:
     @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr,
+        NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, ONE_PASS: gl.constexpr,
     ):  # fmt: skip
         """Consumer WG: key rows [key0 + 64·WG, + 64) of the program's pair; SIG: the weights' reciprocal step
-        (`_tile.sigmoid_parts`)."""
-        (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-         stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dsh, stride_dsn,
-         b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem,
-         do_smem, ds_smem, ready, free) = args  # fmt: skip
+        (`_tile.sigmoid_parts`); ONE_PASS: dQ shares added into DQA instead of dSᵀ stored."""
+        (K, V, DK, DV, DS, DQA, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
+         stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dqab,
+         stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0,
+         piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, ready, free) = args  # fmt: skip
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = K.dtype.element_ty
         key0 = key0 + WG * BLOCK_N
@@ -102,6 +117,11 @@ if gluon is not None:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, d_layout))
+        if ONE_PASS:
+            gl.static_assert(BLOCK_M == 64, "ONE_PASS needs 64-row query blocks (one warp group's product rows)")
+            zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, d_layout)
+            offs_q = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, d_layout))
         if n_blocks > 0 and key0 >= n:
             # Key rows all past the end (the second consumer of a sequence's last key tile): their dK, dV rows are
             # zeros and their dSᵀ rows lie outside the n × n corner `_bwd._dq_ds_kernel` reads, so the consumer
@@ -118,13 +138,21 @@ if gluon is not None:
             mbarrier.wait(kv_ready, 0)
             j = 0
             for g in range(GROUP):
-                # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's scratch (see `_bwd._dq_ds_kernel`).
-                # Its descriptor reuses the previous head's global slot: that head's last store must be done with it.
-                tma.store_wait(0)
-                ds_desc = tma.make_tensor_descriptor(
-                    DS + (ds_head0 + g).to(gl.int64) * stride_dsh, shape=[stride_dsn, stride_dsn],
-                    strides=[stride_dsn, 1], block_shape=[BLOCK_N, BLOCK_M], layout=ds_smem.type.layout,
-                )  # fmt: skip
+                if ONE_PASS:
+                    # This query head's float32 dQ accumulator, bounded to the sequence's n rows. Its descriptor
+                    # reuses the previous head's global slot: that head's last reduce must be done with it.
+                    tma.store_wait(0)
+                    dqa_base = DQA + b * stride_dqab + start * stride_dqat + (hk * GROUP + g) * stride_dqah
+                    dqa_desc = seq_desc(dqa_base, n, stride_dqat, BLOCK_M, HEAD_DIM)
+                else:
+                    # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's scratch (see
+                    # `_bwd._dq_ds_kernel`). Its descriptor reuses the previous head's global slot: that head's last
+                    # store must be done with it.
+                    tma.store_wait(0)
+                    ds_desc = tma.make_tensor_descriptor(
+                        DS + (ds_head0 + g).to(gl.int64) * stride_dsh, shape=[stride_dsn, stride_dsn],
+                        strides=[stride_dsn, 1], block_shape=[BLOCK_N, BLOCK_M], layout=ds_smem.type.layout,
+                    )  # fmt: skip
                 for i in range(n_blocks):
                     stage = j % NUM_BUF
                     mbarrier.wait(ready.index(stage), (j // NUM_BUF) & 1)
@@ -141,19 +169,33 @@ if gluon is not None:
                     ds_t = (f_t * dp_t).to(dtype)
                     ds_a = gl.convert_layout(ds_t, a_layout)
                     dk = warpgroup_mma(ds_a, q_j, dk, is_async=True)
-                    # dSᵀ to the scratch through shared memory; the previous block's store must have left it.
-                    if (qb0 + i) * BLOCK_M < T_MAX:
-                        tma.store_wait(0)
+                    if ONE_PASS:
+                        # This block's dQ share, dS K over the consumer's 64 keys: dS from shared memory (the
+                        # previous block's product has read it), added into DQA by one bulk tensor reduce.
                         ds_smem.store(ds_t)
                         fence_async_shared()
-                        tma_store(ds_desc, [key0, (qb0 + i) * BLOCK_M], ds_smem)
-                    dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, p_a, ds_a))
-                    mbarrier.arrive(free.index(stage))
+                        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+                        dk, dv, dq, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, dq, p_a, ds_a))
+                        mbarrier.arrive(free.index(stage))
+                        if ONE_PASS == 2:  # element atomics: 0.62x the bulk reduce (run 25)
+                            rows = (qb0 + i) * BLOCK_M + offs_q
+                            dq_ptrs = dqa_base + rows[:, None] * stride_dqat + offs_d[None, :]
+                            gl.atomic_add(dq_ptrs, dq, mask=(rows < n)[:, None], sem="relaxed")
+                        else:
+                            tma_reduce_add(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq)
+                    else:
+                        # dSᵀ to the scratch through shared memory; the previous block's store must have left it.
+                        if (qb0 + i) * BLOCK_M < T_MAX:
+                            tma.store_wait(0)
+                            ds_smem.store(ds_t)
+                            fence_async_shared()
+                            tma_store(ds_desc, [key0, (qb0 + i) * BLOCK_M], ds_smem)
+                        dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, p_a, ds_a))
+                        mbarrier.arrive(free.index(stage))
                     j += 1
             tma.store_wait(0)
 
         offs_n = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, d_layout))
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, d_layout))
         key_ok = (offs_n < n)[:, None]
         dk = dk * scale
         if piece >= 0:  # one part of a split key block's queries: float32 partials for `_split._finish`
@@ -185,9 +227,11 @@ if gluon is not None:
         T_MAX, HK, PAIR0, WORK, PART,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, NUM_BUF: gl.constexpr,
         NUM_CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
-        LEN_BUCKET: gl.constexpr = 0, SIG: gl.constexpr = 1, PLANNED: gl.constexpr = 0,
+        LEN_BUCKET: gl.constexpr = 0, SIG: gl.constexpr = 1, PLANNED: gl.constexpr = 0, ONE_PASS: gl.constexpr = 0,
     ):  # fmt: skip
-        """Arguments as `_bwd._dkdv_kernel`'s (DQA unused: the stored-dS path only), PLANNED as there."""
+        """Arguments as `_bwd._dkdv_kernel`'s, PLANNED as there; ONE_PASS=0: the stored-dS path (DQA unused),
+        1: the one-pass path, each block's dQ share added into the float32 DQA by one bulk tensor reduce per
+        consumer (DS unused); 2: the same with element atomics (benchmarks only)."""
         if PLANNED:
             b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(
                 WORK, BIAS, gl.program_id(0), gl.cdiv(T_MAX, NUM_CONSUMERS * 64)
@@ -231,18 +275,19 @@ if gluon is not None:
 
             ld = (Q, DO, stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, b, hk, start, n,
                   n_blocks, qb0, q_smem, do_smem, ready, free)  # fmt: skip
-            c = (K, V, DK, DV, DS, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
-                 stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                 stride_dsh, stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0, piece, PART, k_smem,
-                 v_smem, kv_ready, q_smem, do_smem, ds_smem, ready, free)  # fmt: skip
+            c = (K, V, DK, DV, DS, DQA, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
+                 stride_dvh, stride_dqab, stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks,
+                 qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, ready,
+                 free)  # fmt: skip
             # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
             # tensors).
             gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
             gl.warp_specialize(
                 [
                     (_loader, (ld, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF)),
-                    (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
-                    (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG)),
+                    (_consumer, (c, 0, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG, ONE_PASS)),
+                    (_consumer, (c, 1, GROUP, HEAD_DIM, BLOCK_M, NUM_BUF, VARLEN, SIG, ONE_PASS)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, CONSUMER_REGS],
@@ -265,26 +310,51 @@ def dkdv_ws_configs(head_dim: int | None = None) -> list[dict]:
     return for_head_dim(configs, head_dim)
 
 
+# The one-pass launches (ONE_PASS=1): 64-row query blocks, whose dQ share is one warp group's product, and D = 64
+# only (at D = 128 the float32 dQ share's 64 more registers per thread would spill).
+ONE_PASS_HEAD_DIMS = (64,)
+
+
+def one_pass_configs(head_dim: int | None = None) -> list[dict]:
+    """Launches of the one-pass kernel (for one head dim, or all), as `dkdv_ws_configs`. None spills with Triton
+    3.6 (the GPU machine's); with 3.9 the planned GQA launches spill 8 bytes. Measured on the H200 (run 25, 8K /
+    16K / 16K p = .5): 388 / 395 / 386 TFLOPS with 3 stages, 377 / 382 / 365 with 2."""
+    return for_head_dim([_launch((64,), 64, 3), _launch((64,), 64, 2)], head_dim)
+
+
 _KEY = ["HEAD_DIM", "GROUP", "VARLEN", "LEN_BUCKET", "SIG"]
 _tuned = head_dim_autotuner(_dkdv_ws_kernel, dkdv_ws_configs, _KEY) if available() else None
+# Each timing launch of the one-pass autotuner adds into DQA: it starts from zero every time.
+_tuned_1p = head_dim_autotuner(_dkdv_ws_kernel, one_pass_configs, _KEY, reset_to_zero=["DQA"]) if available() else None
 
 
 def launch(args: tuple, meta: dict, grid: tuple[int, ...], config: dict | None = None) -> None:
     """One launch: args as `_bwd._dkdv_kernel`'s, meta its keywords, grid (key blocks, pairs), or one program per
     row of the work table in args (PLANNED=1)."""
     keep = {k: meta[k] for k in _KEY}
+    one_pass = meta.get("ONE_PASS", 0)
     if config is None:
-        _tuned[lambda m: grid](*args, **keep, PLANNED=meta["PLANNED"])
+        tuned = _tuned_1p if one_pass else _tuned
+        tuned[lambda m: grid](*args, **keep, PLANNED=meta["PLANNED"], ONE_PASS=one_pass)
     else:
-        _dkdv_ws_kernel[grid](*args, **{**keep, **config}, PLANNED=meta["PLANNED"], num_warps=4)  # SIG may override
+        cfg = {**keep, "PLANNED": meta["PLANNED"], "ONE_PASS": one_pass, **config}
+        _dkdv_ws_kernel[grid](*args, **cfg, num_warps=4)  # SIG (and ONE_PASS 2: element atomics) may override
 
 
 def compile_sm90(
-    head_dim: int, config: dict, varlen: bool = False, group: int = 1, sig: int = 1, planned: bool = True
+    head_dim: int,
+    config: dict,
+    varlen: bool = False,
+    group: int = 1,
+    sig: int = 1,
+    planned: bool = True,
+    one_pass: bool = False,
 ) -> dict[str, object]:
-    """This kernel at one launch (planned or not), compiled for Hopper without a GPU (`_common.compile_sm90`); sig:
-    the weights' reciprocal step (1, the default, or 3)."""
+    """This kernel at one launch (planned or not, stored dSᵀ or one pass), compiled for Hopper without a GPU
+    (`_common.compile_sm90`); sig: the weights' reciprocal step (1, the default, or 3)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
-    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, PLANNED=int(planned), **config)
+    constexprs = dict(
+        GROUP=group, HEAD_DIM=head_dim, VARLEN=varlen, SIG=sig, PLANNED=int(planned), ONE_PASS=int(one_pass), **config
+    )
     return common_compile_sm90(_dkdv_ws_kernel, constexprs, num_warps=4, gluon_kernel=True)

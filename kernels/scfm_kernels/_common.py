@@ -90,10 +90,13 @@ def for_head_dim(launches: list[dict], head_dim: int | None) -> list[dict]:
     return [{k: v for k, v in c.items() if k != "DIMS"} for c in launches if head_dim is None or head_dim in c["DIMS"]]
 
 
-def head_dim_autotuner(kernel, configs_for: Callable[[int | None], list[dict]], key: list[str]):
+def head_dim_autotuner(
+    kernel, configs_for: Callable[[int | None], list[dict]], key: list[str], reset_to_zero: list[str] | None = None
+):
     """An autotuner of a warp-specialized kernel (four warps per partition) over every distinct launch of
     configs_for(None); each call keeps those of configs_for(HEAD_DIM) in that list's order, so the first of its list
-    is the one SCFM_KERNELS_AUTOTUNE=0 launches, and a launch two head dims share is timed once."""
+    is the one SCFM_KERNELS_AUTOTUNE=0 launches, and a launch two head dims share is timed once. reset_to_zero: the
+    arguments zeroed before each timing launch (buffers the kernel adds into)."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         mine = configs_for(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
@@ -105,7 +108,9 @@ def head_dim_autotuner(kernel, configs_for: Callable[[int | None], list[dict]], 
         if c not in distinct:
             distinct.append(c)
     configs = [triton.Config(c, num_warps=4) for c in distinct]
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=reset_to_zero
+    )(kernel)
 
 
 def set_descriptor_allocator() -> None:
@@ -132,7 +137,8 @@ def compile_sm90(
     the dynamic shared memory in bytes, the warps, the PTX, and the resource line `cuobjdump` prints for the cubin
     (registers, stack, local memory: a nonzero STACK or LOCAL means spilled registers). Arguments not in `constexprs`:
     the data pointers (Q, K, …) of `dtype`, SEQ int32, BIAS and DQA float32, `neg_scale_log2e` and `scale` float32,
-    the rest int32. Needs a process without TRITON_INTERPRET=1."""
+    the rest int32. Pointers and strides are marked divisible by 16, as a launch specializes them at the bench's
+    and trainer's shapes. Needs a process without TRITON_INTERPRET=1."""
     import inspect
     import subprocess
     import tempfile
@@ -154,7 +160,11 @@ def compile_sm90(
         return "fp32" if a in _FLOAT_SCALARS else "i32"
 
     signature = {a: kind(a) for a in names}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, k in signature.items() if k.startswith("*")}
+    attrs = {
+        (names.index(a),): [["tt.divisibility", 16]]
+        for a, k in signature.items()
+        if k.startswith("*") or (a.startswith("stride_") and k == "i32")
+    }
     if gluon_kernel:
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
     else:

@@ -12,8 +12,8 @@ Supported:
     dims 64 and 97-128 it stores dSᵀ in a scratch buffer capped by SCFM_KERNELS_DS_SCRATCH_MIB, default 1/16 of
     the GPU's memory; 0 turns that off; at 64 and 128 a warp-specialized dK/dV kernel, `_bwd_ws`,
     SCFM_KERNELS_BWD=triton keeps the Triton one); `deterministic=False` opts into a
-    one-pass backward (bf16/fp16 on Hopper) that adds dQ with atomics: fewer tile products, run-to-run
-    differences in the last bits of dQ;
+    one-pass backward (bf16/fp16 on Hopper) that adds dQ with bulk reduces (at D = 64 in the warp-specialized
+    dK/dV kernel): fewer tile products, no dSᵀ through memory, run-to-run differences in the last bits of dQ;
   - torch.compile: both directions are `torch.library` custom ops (`scfm::sigmoid_attn_fwd`/`_bwd`), so a
     compiled model traces through them with no graph break. Eager calls take an `autograd.Function` over the same
     two functions instead: the custom op's dispatch costs about 5x its host time per call (46 against 10 µs on a

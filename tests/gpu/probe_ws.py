@@ -1,7 +1,8 @@
 """Every launch of the warp-specialized lists timed at fixed shapes on the GPU: the forward (`_fwd_ws`; fwdN planned,
-fwdNw one program per tile) and the stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`), each
-launch fixed (no autotuner), with cuDNN softmax (SDPA) on the dense shapes in the same process. Correctness of the
-same launches is tests/gpu/test_kernels_gpu.py's. Prints one line per shape; --json writes them.
+fwdNw one program per tile), the stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`; bwdN) and
+its one-pass form (deterministic=False; 1pN, at `_bwd_ws.ONE_PASS_HEAD_DIMS`), each launch fixed (no autotuner),
+with cuDNN softmax (SDPA) on the dense shapes in the same process. Correctness of the same launches is
+tests/gpu/test_kernels_gpu.py's. Prints one line per shape; --json writes them.
 
     PYTHONPATH=$PWD/kernels python3 tests/gpu/probe_ws.py [--json out.json] [--dims 128,64] [--bwd-sig 1,3]
 
@@ -71,6 +72,16 @@ def time_shape(
                 go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="stored"
             )
             row[f"bwd{i}" + ("" if sig == 1 else f"s{sig}")] = 2.5 * flops / _ms(fn) / 1e9
+    for i, cfg in enumerate(_bwd_ws.one_pass_configs(D) if backward else []):  # 1pN: deterministic=False
+        fn = lambda c=dict(cfg, KERNEL="ws"): attention_backward(  # noqa: E731
+            go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
+        )
+        row[f"1p{i}"] = 2.5 * flops / _ms(fn) / 1e9
+        if i == 0:  # the same launch with element atomics instead of bulk reduces (ONE_PASS=2)
+            fn = lambda c=dict(cfg, KERNEL="ws", ONE_PASS=2): attention_backward(  # noqa: E731
+                go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
+            )
+            row["1p0a"] = 2.5 * flops / _ms(fn) / 1e9
     if pad == 0:
         qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
@@ -99,6 +110,8 @@ def main() -> None:
             print(f"D={D} fwd{i}: {c}")
         for i, c in enumerate(_bwd_ws.dkdv_ws_configs(D)):
             print(f"D={D} bwd{i}: {c}")
+        for i, c in enumerate(_bwd_ws.one_pass_configs(D)):
+            print(f"D={D} 1p{i}: {c}")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(2)
     sigs = tuple(int(x) for x in args.bwd_sig.split(","))

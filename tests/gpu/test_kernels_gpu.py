@@ -228,6 +228,46 @@ def test_every_warp_specialized_dkdv_launch_is_correct(D):
         assert all(torch.equal(a, b) for a, b in zip(got, again)), f"{cfg}: two runs differ"
 
 
+@pytest.mark.parametrize("D", [64])
+def test_every_one_pass_dkdv_launch_is_correct(D):
+    """The one-pass backward (deterministic=False) with the warp-specialized dK/dV kernel adding dQ shares by
+    atomics, at each launch of its list: GQA, lengths T, 1 and T/2 + 3, against float64, padding rows exactly 0;
+    packed (with an empty sequence) equal to padded within the atomics' rounding."""
+    from scfm_kernels import _bwd_ws
+    from scfm_kernels._bwd import attention_backward
+
+    B, T, H, K = 3, 2048, 4, 2
+    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
+    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+    bias = -torch.log(lens.float())
+    # Packed, an empty sequence between the others: the same gradients on the valid rows.
+    plens = [T, 0, 1, T // 2 + 3]
+    cu = torch.tensor([0, *torch.tensor(plens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    rows = [(0, T), (1, 1), (2, T // 2 + 3)]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[b, :n] for b, n in rows])
+
+    pb = -torch.log(torch.tensor(plens, device="cuda").float().clamp(min=1))
+    for cfg in _bwd_ws.one_pass_configs(D):
+        c = dict(cfg, KERNEL="ws")
+        got = attention_backward(go, q, k, v, lens, bias, D**-0.5, False, T, dkdv_config=c, dq_path="one_pass")
+        for name, t, ref in zip(("dq", "dk", "dv"), got, refs):
+            err = _relerr(t, ref)
+            assert err < TOL[torch.bfloat16], f"{name} with {cfg}: relative error {err:.2e}"
+            for b, n in enumerate(lens.tolist()):
+                assert torch.all(t[b, n:] == 0), f"{name}[{b}, {n}:] (padding) is not exactly 0 ({cfg})"
+        got_p = attention_backward(
+            pack(go), pack(q), pack(k), pack(v), cu, pb, D**-0.5, True, T, dkdv_config=c, dq_path="one_pass"
+        )
+        for name, t, ref in zip(("dq", "dk", "dv"), got_p, got):
+            err = _relerr(t, pack(ref).double())
+            assert err < 1e-2, f"{name} with {cfg}, packed against padded: relative difference {err:.2e}"
+
+
 def test_every_backward_launch_of_the_autotuner_lists_is_correct():
     """Each dK/dV, dQ and dQ-from-dS config the autotuners may pick, with GQA and padding: the stored-dS path
     (dK/dV configs with the first dQ-from-dS config and the other way round, one (batch, key head) pair per launch
@@ -295,16 +335,26 @@ def test_stored_and_recomputed_dq_agree_under_the_autotuner(monkeypatch):
 
 @pytest.mark.parametrize(
     ("T", "H", "K", "D", "autotune"),
-    [(2048, 4, 4, 128, False), (1536, 4, 2, 64, False), (1000, 4, 1, 80, False), (2048, 4, 2, 128, True)],
+    [
+        (2048, 4, 4, 128, False),
+        (1536, 4, 2, 64, False),
+        (1000, 4, 1, 80, False),
+        (2048, 4, 2, 128, True),
+        (2048, 4, 2, 64, True),
+    ],
 )
 def test_one_pass_backward_matches_float64(T, H, K, D, autotune, monkeypatch):
-    """deterministic=False: dQ summed with bulk reduces inside the dK/dV kernel. With the autotuner on, every
-    config it times adds into the same dQ buffer: the buffer must be reset before each timing launch."""
-    from scfm_kernels import _bwd
+    """deterministic=False: dQ summed inside the dK/dV kernel (bulk reduces in the Triton kernel; float32 atomics
+    in the warp-specialized one at D = 64). With the autotuner on, every config it times adds into the same dQ
+    buffer: the buffer must be reset before each timing launch."""
+    from scfm_kernels import _bwd, _bwd_ws, _common
 
     if autotune:
         monkeypatch.setattr(_bwd, "AUTOTUNE", True)
+        monkeypatch.setattr(_common, "AUTOTUNE", True)
         _bwd._dkdv_tuned.cache.clear()
+        if _bwd_ws._tuned_1p is not None:
+            _bwd_ws._tuned_1p.cache.clear()
     lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
     q, k, v = (
         _rand(3, T, H, D, dtype=torch.bfloat16),
