@@ -50,6 +50,13 @@ if gluon is not None:
         offsets = _semantic._convert_to_ir_values(coord, require_i64=False)
         _semantic.builder.create_descriptor_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, offsets)
 
+    @builtin
+    def tma_reduce_add_smem(desc, coord, src, _semantic=None):
+        """As `tma_reduce_add` from the shared-memory tile `src`, asynchronous like `tma_store`: `tma.store_wait`
+        says when src may be written again (Triton 3.6's Gluon has the operation but no function for it)."""
+        offsets = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, offsets, src.handle)
+
     from ._fwd_ws import (
         gl,
         mbarrier,
@@ -99,7 +106,7 @@ if gluon is not None:
         (K, V, DK, DV, DS, DQA, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
          stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dqab,
          stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0,
-         piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, ready, free) = args  # fmt: skip
+         piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, dq_smem, ready, free) = args  # fmt: skip
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = K.dtype.element_ty
         key0 = key0 + WG * BLOCK_N
@@ -107,6 +114,8 @@ if gluon is not None:
         v_smem = v_smem.index(WG)
         kv_ready = kv_ready.index(WG)
         ds_smem = ds_smem.index(WG)
+        if ONE_PASS == 3:
+            dq_smem = dq_smem.index(WG)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
         )
@@ -181,7 +190,12 @@ if gluon is not None:
                             rows = (qb0 + i) * BLOCK_M + offs_q
                             dq_ptrs = dqa_base + rows[:, None] * stride_dqat + offs_d[None, :]
                             gl.atomic_add(dq_ptrs, dq, mask=(rows < n)[:, None], sem="relaxed")
-                        else:
+                        elif ONE_PASS == 3:  # the reduce from a buffer of the kernel's, waited for a block later
+                            tma.store_wait(0)
+                            dq_smem.store(dq)
+                            fence_async_shared()
+                            tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                        else:  # (the compiler stages the tile and waits for the copy to have read it)
                             tma_reduce_add(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq)
                     else:
                         # dSᵀ to the scratch through shared memory; the previous block's store must have left it.
@@ -231,7 +245,8 @@ if gluon is not None:
     ):  # fmt: skip
         """Arguments as `_bwd._dkdv_kernel`'s, PLANNED as there; ONE_PASS=0: the stored-dS path (DQA unused),
         1: the one-pass path, each block's dQ share added into the float32 DQA by one bulk tensor reduce per
-        consumer (DS unused); 2: the same with element atomics (benchmarks only)."""
+        consumer (DS unused); 2: the same with element atomics; 3: the reduce from the kernel's own buffer, waited
+        for only before the next block's share is written (2 and 3: benchmarks only; 3 not yet run on the GPU)."""
         if PLANNED:
             b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(
                 WORK, BIAS, gl.program_id(0), gl.cdiv(T_MAX, NUM_CONSUMERS * 64)
@@ -264,6 +279,11 @@ if gluon is not None:
             q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
             do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
             ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
+            if ONE_PASS == 3:  # each consumer's float32 dQ share on its way to the bulk reduce
+                dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+                dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], dq_layout)
+            else:
+                dq_smem = ds_smem  # (not used)
             kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
             ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
             free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -278,8 +298,8 @@ if gluon is not None:
             c = (K, V, DK, DV, DS, DQA, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
                  stride_dvh, stride_dqab, stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks,
-                 qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, ready,
-                 free)  # fmt: skip
+                 qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem,
+                 dq_smem, ready, free)  # fmt: skip
             # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
             # tensors).
             gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")
@@ -348,10 +368,11 @@ def compile_sm90(
     group: int = 1,
     sig: int = 1,
     planned: bool = True,
-    one_pass: bool = False,
+    one_pass: int = 0,
 ) -> dict[str, object]:
-    """This kernel at one launch (planned or not, stored dSᵀ or one pass), compiled for Hopper without a GPU
-    (`_common.compile_sm90`); sig: the weights' reciprocal step (1, the default, or 3)."""
+    """This kernel at one launch (planned or not, stored dSᵀ or one pass: one_pass as the kernel's ONE_PASS),
+    compiled for Hopper without a GPU (`_common.compile_sm90`); sig: the weights' reciprocal step (1, the default,
+    or 3)."""
     if not available():
         raise RuntimeError("compile_sm90 needs Gluon and a process without TRITON_INTERPRET=1")
     constexprs = dict(

@@ -77,11 +77,13 @@ def time_shape(
             go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
         )
         row[f"1p{i}"] = 2.5 * flops / _ms(fn) / 1e9
-        if i == 0:  # the same launch with element atomics instead of bulk reduces (ONE_PASS=2)
-            fn = lambda c=dict(cfg, KERNEL="ws", ONE_PASS=2): attention_backward(  # noqa: E731
+        # The same launch with element atomics (1pNa, ONE_PASS=2) and with its reduces waited for a block later
+        # (1pNd, ONE_PASS=3) instead of the compiler's staged reduce.
+        for tag, mode in (("a", 2), ("d", 3)):
+            fn = lambda c=dict(cfg, KERNEL="ws", ONE_PASS=mode): attention_backward(  # noqa: E731
                 go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
             )
-            row["1p0a"] = 2.5 * flops / _ms(fn) / 1e9
+            row[f"1p{i}{tag}"] = 2.5 * flops / _ms(fn) / 1e9
     if pad == 0:
         qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):

@@ -231,8 +231,9 @@ def test_every_warp_specialized_dkdv_launch_is_correct(D):
 @pytest.mark.parametrize("D", [64])
 def test_every_one_pass_dkdv_launch_is_correct(D):
     """The one-pass backward (deterministic=False) with the warp-specialized dK/dV kernel adding dQ shares by
-    atomics, at each launch of its list: GQA, lengths T, 1 and T/2 + 3, against float64, padding rows exactly 0;
-    packed (with an empty sequence) equal to padded within the atomics' rounding."""
+    bulk reduces, at each launch of its list and each with the reduce's own buffer (ONE_PASS=3): GQA, lengths T,
+    1 and T/2 + 3, against float64, padding rows exactly 0; packed (with an empty sequence) equal to padded within
+    the reduces' rounding."""
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
@@ -252,7 +253,8 @@ def test_every_one_pass_dkdv_launch_is_correct(D):
         return torch.cat([t[b, :n] for b, n in rows])
 
     pb = -torch.log(torch.tensor(plens, device="cuda").float().clamp(min=1))
-    for cfg in _bwd_ws.one_pass_configs(D):
+    # Each launch with the compiler's staged reduce (ONE_PASS 1, the default) and with the kernel's own buffer (3).
+    for cfg in [dict(c, ONE_PASS=mode) for c in _bwd_ws.one_pass_configs(D) for mode in (1, 3)]:
         c = dict(cfg, KERNEL="ws")
         got = attention_backward(go, q, k, v, lens, bias, D**-0.5, False, T, dkdv_config=c, dq_path="one_pass")
         for name, t, ref in zip(("dq", "dk", "dv"), got, refs):

@@ -85,8 +85,8 @@ for d in _fwd_ws.HEAD_DIMS:
                             mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="dkdv"))
     for c in _bwd_ws.one_pass_configs(d):
         # (Planned with GQA, Triton 3.9 spills 8 bytes here and 3.6, the GPU machine's, none: checked on 3.6.)
-        for group, varlen, planned in ((1, False, True), (2, True, False)):
-            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, planned=planned, one_pass=True)
+        for group, varlen, planned, mode in ((1, False, True, 1), (2, True, False, 1), (1, False, True, 3)):
+            r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, planned=planned, one_pass=mode)
             ptx = r["ptx"]
             adds = "cp.reduce.async.bulk.tensor" in ptx
             out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
@@ -103,7 +103,7 @@ def test_every_launch_compiles_for_hopper_without_spills():
     one-pass launches' bulk reduces), register reallocation and mbarrier waits in the PTX."""
     results = _json_without_interpreter(_COMPILE)
     want = sum(
-        len(_fwd_ws.fwd_ws_configs(d)) + 3 + 4 * len(_bwd_ws.dkdv_ws_configs(d)) + 2 * len(_bwd_ws.one_pass_configs(d))
+        len(_fwd_ws.fwd_ws_configs(d)) + 3 + 4 * len(_bwd_ws.dkdv_ws_configs(d)) + 3 * len(_bwd_ws.one_pass_configs(d))
         for d in _fwd_ws.HEAD_DIMS
     )
     assert len(results) == want
