@@ -166,5 +166,9 @@ def test_calls_it_cannot_serve_are_refused_or_fall_back():
     assert not _bwd_ws.supported(q, True)
     with pytest.raises(ValueError, match=r"KERNEL='ws' needs Hopper.*stored-dS path.*one-pass path.*D=64"):
         _bwd.attention_backward(q, q, q, q, lens, torch.zeros(1), 0.125, False, 64, dkdv_config=dict(KERNEL="ws"))
+    with pytest.raises(ValueError, match=r"ONE_PASS=1 \(KERNEL='triton', path '\w+'\): expected 1, 2 or 3"):
+        _bwd.attention_backward(
+            q, q, q, q, lens, torch.zeros(1), 0.125, False, 64, dkdv_config=dict(ONE_PASS=1), dq_path="stored"
+        )
     with pytest.raises(ValueError, match=r"KERNEL='gluon': expected 'triton' or 'ws'"):
         _bwd.attention_backward(q, q, q, q, lens, torch.zeros(1), 0.125, False, 64, dkdv_config=dict(KERNEL="gluon"))
