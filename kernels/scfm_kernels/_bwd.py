@@ -738,9 +738,9 @@ def _ws_dkdv(path: str, q: torch.Tensor, use_tma: bool, kcfg: dict | None, ws_de
         )
     if asked == "ws" and path == "one_pass" and kcfg.get("BLOCK_M", 64) != 64:
         raise ValueError(f"dkdv_config BLOCK_M={kcfg['BLOCK_M']!r}: the one-pass warp-specialized kernel needs 64")
-    if "ONE_PASS" in kcfg and (asked != "ws" or path != "one_pass" or kcfg["ONE_PASS"] not in (1, 2, 3)):
+    if "ONE_PASS" in kcfg and (asked != "ws" or path != "one_pass" or kcfg["ONE_PASS"] not in (1, 2, 3, 4)):
         raise ValueError(
-            f"dkdv_config ONE_PASS={kcfg['ONE_PASS']!r} (KERNEL={asked!r}, path {path!r}): expected 1, 2 or 3 with "
+            f"dkdv_config ONE_PASS={kcfg['ONE_PASS']!r} (KERNEL={asked!r}, path {path!r}): expected 1, 2, 3 or 4 with "
             "KERNEL='ws' on the one-pass path"
         )
     return asked == "ws"

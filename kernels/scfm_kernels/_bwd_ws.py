@@ -51,6 +51,13 @@ if gluon is not None:
         _semantic.builder.create_descriptor_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, value.handle, offsets)
 
     @builtin
+    def smem_view(desc, dtype, shape, layout, _semantic=None):
+        """The shared memory of `desc` seen with another shape and layout (Triton 3.6 names the method
+        `_reinterpret`, later ones `reinterpret`)."""
+        view = getattr(desc, "reinterpret", None) or desc._reinterpret
+        return view(dtype, shape, layout, _semantic=_semantic)
+
+    @builtin
     def tma_reduce_add_smem(desc, coord, src, _semantic=None):
         """As `tma_reduce_add` from the shared-memory tile `src`, asynchronous like `tma_store`: `tma.store_wait`
         says when src may be written again (Triton 3.6's Gluon has the operation but no function for it)."""
@@ -106,15 +113,24 @@ if gluon is not None:
         (K, V, DK, DV, DS, DQA, neg_scale_log2e, scale, bias_log2, stride_kb, stride_kt, stride_kh, stride_vb,
          stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_dqab,
          stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks, qb0, key0, T_MAX, ds_head0,
-         piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, dq_smem, ready, free) = args  # fmt: skip
+         piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem, dq_smem, pair_bars, ready,
+         free) = args  # fmt: skip
         BLOCK_N: gl.constexpr = 64
         dtype: gl.constexpr = K.dtype.element_ty
+        # ONE_PASS=4: the program's two consumers take turns, block by block, at one dQ share over all 128 keys
+        # (both dS tiles, from two shared-memory buffers; pair_bars: 0-1 "both tiles written", 2-3 "read").
+        paired = key0 + BLOCK_N < n  # both consumers hold keys of the sequence
+        if ONE_PASS == 4:
+            pair_k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * BLOCK_N, HEAD_DIM], dtype)
+            k_pair = smem_view(k_smem, dtype, [2 * BLOCK_N, HEAD_DIM], pair_k_layout)  # both consumers' K rows
+            ds_pairs = ds_smem
+        else:
+            ds_smem = ds_smem.index(WG)
         key0 = key0 + WG * BLOCK_N
         k_smem = k_smem.index(WG)
         v_smem = v_smem.index(WG)
         kv_ready = kv_ready.index(WG)
-        ds_smem = ds_smem.index(WG)
-        if ONE_PASS == 3:
+        if ONE_PASS >= 3:
             dq_smem = dq_smem.index(WG)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
@@ -178,7 +194,39 @@ if gluon is not None:
                     ds_t = (f_t * dp_t).to(dtype)
                     ds_a = gl.convert_layout(ds_t, a_layout)
                     dk = warpgroup_mma(ds_a, q_j, dk, is_async=True)
-                    if ONE_PASS:
+                    if ONE_PASS == 4:
+                        buf = j % 2
+                        use = j // 2
+                        pair_ds = ds_pairs.index(buf)  # [128 keys, BLOCK_M]: this block's two dS tiles
+                        mine = pair_ds.slice(WG * BLOCK_N, BLOCK_N)
+                        if paired and use > 0 and buf != WG:  # the owner has read this buffer's last use
+                            mbarrier.wait(pair_bars.index(2 + buf), (use - 1) & 1)
+                        mine.store(ds_t)
+                        fence_async_shared()
+                        if paired:
+                            mbarrier.arrive(pair_bars.index(buf))
+                        dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, p_a, ds_a))
+                        mbarrier.arrive(free.index(stage))
+                        if paired:
+                            if buf == WG:  # this consumer's turn: the share over both tiles
+                                mbarrier.wait(pair_bars.index(buf), use & 1)
+                                dq = warpgroup_mma(
+                                    pair_ds.permute((1, 0)), k_pair, zero_dq, use_acc=False, is_async=True
+                                )
+                                dq = warpgroup_mma_wait(0, deps=(dq,))
+                                mbarrier.arrive(pair_bars.index(2 + buf))
+                                tma.store_wait(0)
+                                dq_smem.store(dq)
+                                fence_async_shared()
+                                tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                        else:  # the other consumer's keys all lie past n: this one's share alone, every block
+                            dq = warpgroup_mma(mine.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+                            dq = warpgroup_mma_wait(0, deps=(dq,))
+                            tma.store_wait(0)
+                            dq_smem.store(dq)
+                            fence_async_shared()
+                            tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                    elif ONE_PASS:
                         # This block's dQ share, dS K over the consumer's 64 keys: dS from shared memory (the
                         # previous block's product has read it), added into DQA by one bulk tensor reduce.
                         ds_smem.store(ds_t)
@@ -246,7 +294,8 @@ if gluon is not None:
         """Arguments as `_bwd._dkdv_kernel`'s, PLANNED as there; ONE_PASS=0: the stored-dS path (DQA unused),
         1: the one-pass path, each block's dQ share added into the float32 DQA by one bulk tensor reduce per
         consumer (DS unused); 2: the same with element atomics; 3: the reduce from the kernel's own buffer, waited
-        for only before the next block's share is written (2 and 3: benchmarks only; 3 not yet run on the GPU)."""
+        for only before the next block's share is written; 4: as 3, the two consumers taking turns at one share
+        over both dS tiles (half the reduces). 2-4: benchmarks only; 3 and 4 not yet run on the GPU."""
         if PLANNED:
             b, hk, tile, part, n_parts, piece, start, n, bias_log2 = key_work(
                 WORK, BIAS, gl.program_id(0), gl.cdiv(T_MAX, NUM_CONSUMERS * 64)
@@ -278,13 +327,23 @@ if gluon is not None:
             v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, HEAD_DIM], kv_layout)
             q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
             do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_M, HEAD_DIM], q_layout)
-            ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
-            if ONE_PASS == 3:  # each consumer's float32 dQ share on its way to the bulk reduce
+            if ONE_PASS == 4:  # two buffers, each with both consumers' dS tiles of one block
+                pair_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([128, BLOCK_M], dtype)
+                ds_smem = gl.allocate_shared_memory(dtype, [2, 128, BLOCK_M], pair_layout)
+                pair_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+                for i in gl.static_range(2):
+                    mbarrier.init(pair_bars.index(i), count=NUM_CONSUMERS)
+                    mbarrier.init(pair_bars.index(2 + i), count=1)
+            else:
+                ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 64, BLOCK_M], ds_layout)
+            if ONE_PASS >= 3:  # each consumer's float32 dQ share on its way to the bulk reduce
                 dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
                 dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], dq_layout)
             else:
                 dq_smem = ds_smem  # (not used)
             kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+            if ONE_PASS != 4:
+                pair_bars = kv_ready  # (not used)
             ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
             free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(NUM_CONSUMERS):
@@ -299,7 +358,7 @@ if gluon is not None:
                  stride_vb, stride_vt, stride_vh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt,
                  stride_dvh, stride_dqab, stride_dqat, stride_dqah, stride_dsh, stride_dsn, b, hk, start, n, n_blocks,
                  qb0, key0, T_MAX, ds_head0, piece, PART, k_smem, v_smem, kv_ready, q_smem, do_smem, ds_smem,
-                 dq_smem, ready, free)  # fmt: skip
+                 dq_smem, pair_bars, ready, free)  # fmt: skip
             # Constexpr arguments are written out in the call (inside a tuple held in a variable they turn into
             # tensors).
             gl.static_assert(NUM_CONSUMERS == 2, "NUM_CONSUMERS must be 2")

@@ -77,9 +77,10 @@ def time_shape(
             go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
         )
         row[f"1p{i}"] = 2.5 * flops / _ms(fn) / 1e9
-        # The same launch with element atomics (1pNa, ONE_PASS=2) and with its reduces waited for a block later
-        # (1pNd, ONE_PASS=3) instead of the compiler's staged reduce.
-        for tag, mode in (("a", 2), ("d", 3)):
+        # The same launch with element atomics (1pNa, ONE_PASS=2), with its reduces waited for a block later (1pNd,
+        # ONE_PASS=3) instead of the compiler's staged reduce, and with one share per block over both consumers'
+        # keys (1pNp, ONE_PASS=4).
+        for tag, mode in (("a", 2), ("d", 3), ("p", 4)):
             fn = lambda c=dict(cfg, KERNEL="ws", ONE_PASS=mode): attention_backward(  # noqa: E731
                 go, q, k, v, lens, bias, scale, False, L, dkdv_config=c, dq_path="one_pass"
             )

@@ -231,9 +231,9 @@ def test_every_warp_specialized_dkdv_launch_is_correct(D):
 @pytest.mark.parametrize("D", [64])
 def test_every_one_pass_dkdv_launch_is_correct(D):
     """The one-pass backward (deterministic=False) with the warp-specialized dK/dV kernel adding dQ shares by
-    bulk reduces, at each launch of its list and each with the reduce's own buffer (ONE_PASS=3): GQA, lengths T,
-    1 and T/2 + 3, against float64, padding rows exactly 0; packed (with an empty sequence) equal to padded within
-    the reduces' rounding."""
+    bulk reduces, at each launch of its list and each in the variants ONE_PASS=3 and 4: GQA, lengths T, 1 and
+    T/2 + 3 (so the second consumer of the last key tile is idle), against float64, padding rows exactly 0; packed
+    (with an empty sequence) equal to padded within the reduces' rounding."""
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
@@ -253,8 +253,9 @@ def test_every_one_pass_dkdv_launch_is_correct(D):
         return torch.cat([t[b, :n] for b, n in rows])
 
     pb = -torch.log(torch.tensor(plens, device="cuda").float().clamp(min=1))
-    # Each launch with the compiler's staged reduce (ONE_PASS 1, the default) and with the kernel's own buffer (3).
-    for cfg in [dict(c, ONE_PASS=mode) for c in _bwd_ws.one_pass_configs(D) for mode in (1, 3)]:
+    # Each launch with the compiler's staged reduce (ONE_PASS 1, the default), with the kernel's own buffer (3) and
+    # with the two consumers taking turns at one share over both dS tiles (4).
+    for cfg in [dict(c, ONE_PASS=mode) for c in _bwd_ws.one_pass_configs(D) for mode in (1, 3, 4)]:
         c = dict(cfg, KERNEL="ws")
         got = attention_backward(go, q, k, v, lens, bias, D**-0.5, False, T, dkdv_config=c, dq_path="one_pass")
         for name, t, ref in zip(("dq", "dk", "dv"), got, refs):
