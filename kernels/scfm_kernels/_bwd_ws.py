@@ -104,6 +104,15 @@ if gluon is not None:
                 j += 1
 
     @gluon.jit
+    def _reduce_share(dqa_desc, row, dq, dq_smem):
+        """dQ share dq [BLOCK_M, D] into DQA at `row` of `dqa_desc` by one bulk reduce from dq_smem, once the
+        previous reduce from it has read it (ONE_PASS 3 and 4)."""
+        tma.store_wait(0)
+        dq_smem.store(dq)
+        fence_async_shared()
+        tma_reduce_add_smem(dqa_desc, [row, 0], dq_smem)
+
+    @gluon.jit
     def _consumer(
         args, WG: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         NUM_BUF: gl.constexpr, VARLEN: gl.constexpr, SIG: gl.constexpr, ONE_PASS: gl.constexpr,
@@ -215,17 +224,11 @@ if gluon is not None:
                                 )
                                 dq = warpgroup_mma_wait(0, deps=(dq,))
                                 mbarrier.arrive(pair_bars.index(2 + buf))
-                                tma.store_wait(0)
-                                dq_smem.store(dq)
-                                fence_async_shared()
-                                tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                                _reduce_share(dqa_desc, (qb0 + i) * BLOCK_M, dq, dq_smem)
                         else:  # the other consumer's keys all lie past n: this one's share alone, every block
                             dq = warpgroup_mma(mine.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
                             dq = warpgroup_mma_wait(0, deps=(dq,))
-                            tma.store_wait(0)
-                            dq_smem.store(dq)
-                            fence_async_shared()
-                            tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                            _reduce_share(dqa_desc, (qb0 + i) * BLOCK_M, dq, dq_smem)
                     elif ONE_PASS:
                         # This block's dQ share, dS K over the consumer's 64 keys: dS from shared memory (the
                         # previous block's product has read it), added into DQA by one bulk tensor reduce.
@@ -239,10 +242,7 @@ if gluon is not None:
                             dq_ptrs = dqa_base + rows[:, None] * stride_dqat + offs_d[None, :]
                             gl.atomic_add(dq_ptrs, dq, mask=(rows < n)[:, None], sem="relaxed")
                         elif ONE_PASS == 3:  # the reduce from a buffer of the kernel's, waited for a block later
-                            tma.store_wait(0)
-                            dq_smem.store(dq)
-                            fence_async_shared()
-                            tma_reduce_add_smem(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq_smem)
+                            _reduce_share(dqa_desc, (qb0 + i) * BLOCK_M, dq, dq_smem)
                         else:  # (the compiler stages the tile and waits for the copy to have read it)
                             tma_reduce_add(dqa_desc, [(qb0 + i) * BLOCK_M, 0], dq)
                     else:
