@@ -199,6 +199,18 @@ def test_tail_split_backward_is_correct_and_deterministic(nsm, monkeypatch):
     assert splits > 0, f"nsm={nsm}: no launch split a key block"
 
 
+def _gqa_batch(D: int):
+    """A GQA batch (3 sequences of lengths T, 1 and T/2 + 3 in T = 2048, 4 query and 2 key heads, bf16) and its
+    float64 gradients: (T, lengths, (q, k, v, dO), (dq, dk, dv) references)."""
+    B, T, H, K = 3, 2048, 4, 2
+    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
+    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+    return T, lens, (q, k, v, go), refs
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_warp_specialized_dkdv_launch_is_correct(D):
     """The stored-dS backward with the warp-specialized dK/dV kernel (`_bwd_ws`, the default) at each launch of its
@@ -207,12 +219,7 @@ def test_every_warp_specialized_dkdv_launch_is_correct(D):
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
-    B, T, H, K = 3, 2048, 4, 2
-    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
-    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+    T, lens, (q, k, v, go), refs = _gqa_batch(D)
     bias = -torch.log(lens.float())
     for cfg in [dict(c, SIG=sig) for c in _bwd_ws.dkdv_ws_configs(D) for sig in (1, 3)]:
         run = lambda c=cfg: attention_backward(  # noqa: E731
@@ -237,12 +244,7 @@ def test_every_one_pass_dkdv_launch_is_correct(D):
     from scfm_kernels import _bwd_ws
     from scfm_kernels._bwd import attention_backward
 
-    B, T, H, K = 3, 2048, 4, 2
-    lens = torch.tensor([T, 1, T // 2 + 3], device="cuda", dtype=torch.int32)
-    q, go = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(B, T, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    refs = torch.autograd.grad(sk.sigmoid_attention_reference(q64, k64, v64, lens), (q64, k64, v64), go.double())
+    T, lens, (q, k, v, go), refs = _gqa_batch(D)
     bias = -torch.log(lens.float())
     # Packed, an empty sequence between the others: the same gradients on the valid rows.
     plens = [T, 0, 1, T // 2 + 3]
