@@ -128,8 +128,8 @@ if gluon is not None:
         dtype: gl.constexpr = K.dtype.element_ty
         # ONE_PASS=4: the program's two consumers take turns, block by block, at one dQ share over all 128 keys
         # (both dS tiles, from two shared-memory buffers; pair_bars: 0-1 "both tiles written", 2-3 "read").
-        paired = key0 + BLOCK_N < n  # both consumers hold keys of the sequence
         if ONE_PASS == 4:
+            paired = key0 + BLOCK_N < n  # both consumers hold keys of the sequence
             pair_k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * BLOCK_N, HEAD_DIM], dtype)
             k_pair = smem_view(k_smem, dtype, [2 * BLOCK_N, HEAD_DIM], pair_k_layout)  # both consumers' K rows
             ds_pairs = ds_smem
@@ -172,17 +172,16 @@ if gluon is not None:
             mbarrier.wait(kv_ready, 0)
             j = 0
             for g in range(GROUP):
+                # This query head's descriptor reuses the previous head's global slot: that head's last bulk store
+                # or reduce must be done with it.
+                tma.store_wait(0)
                 if ONE_PASS:
-                    # This query head's float32 dQ accumulator, bounded to the sequence's n rows. Its descriptor
-                    # reuses the previous head's global slot: that head's last reduce must be done with it.
-                    tma.store_wait(0)
+                    # This query head's float32 dQ accumulator, bounded to the sequence's n rows.
                     dqa_base = DQA + b * stride_dqab + start * stride_dqat + (hk * GROUP + g) * stride_dqah
                     dqa_desc = seq_desc(dqa_base, n, stride_dqat, BLOCK_M, HEAD_DIM)
                 else:
                     # This query head's dSᵀ [T_DS keys, T_DS queries] in the launch's scratch (see
-                    # `_bwd._dq_ds_kernel`). Its descriptor reuses the previous head's global slot: that head's last
-                    # store must be done with it.
-                    tma.store_wait(0)
+                    # `_bwd._dq_ds_kernel`).
                     ds_desc = tma.make_tensor_descriptor(
                         DS + (ds_head0 + g).to(gl.int64) * stride_dsh, shape=[stride_dsn, stride_dsn],
                         strides=[stride_dsn, 1], block_shape=[BLOCK_N, BLOCK_M], layout=ds_smem.type.layout,
@@ -417,7 +416,7 @@ def launch(args: tuple, meta: dict, grid: tuple[int, ...], config: dict | None =
         tuned[lambda m: grid](*args, **keep, PLANNED=meta["PLANNED"], ONE_PASS=one_pass)
     else:
         cfg = {**keep, "PLANNED": meta["PLANNED"], "ONE_PASS": one_pass, **config}
-        _dkdv_ws_kernel[grid](*args, **cfg, num_warps=4)  # SIG (and ONE_PASS 2: element atomics) may override
+        _dkdv_ws_kernel[grid](*args, **cfg, num_warps=4)  # SIG and ONE_PASS (2-4, benchmark variants) may override
 
 
 def compile_sm90(

@@ -349,8 +349,8 @@ def test_stored_and_recomputed_dq_agree_under_the_autotuner(monkeypatch):
     ],
 )
 def test_one_pass_backward_matches_float64(T, H, K, D, autotune, monkeypatch):
-    """deterministic=False: dQ summed inside the dK/dV kernel (bulk reduces in the Triton kernel; float32 atomics
-    in the warp-specialized one at D = 64). With the autotuner on, every config it times adds into the same dQ
+    """deterministic=False: dQ summed with bulk reduces inside the dK/dV kernel (the Triton one; the
+    warp-specialized one at D = 64). With the autotuner on, every config it times adds into the same dQ
     buffer: the buffer must be reset before each timing launch."""
     from scfm_kernels import _bwd, _bwd_ws, _common
 

@@ -65,6 +65,12 @@ _COMPILE = """
 import json, sys
 from scfm_kernels import _bwd_ws, _fwd_ws
 out = []
+
+def dkdv_row(d, c, varlen, r, kernel, wgmma):
+    ptx = r["ptx"]
+    return dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
+                wgmma=wgmma and "wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
+                mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel=kernel)
 for d in _fwd_ws.HEAD_DIMS:
     configs = _fwd_ws.fwd_ws_configs(d)
     runs = [(c, False, "bf16", True) for c in configs]
@@ -79,21 +85,14 @@ for d in _fwd_ws.HEAD_DIMS:
         for group, varlen, sig, planned in ((1, False, 1, True), (2, True, 1, True), (1, False, 3, True),
                                             (1, False, 1, False)):  # fmt: skip
             r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, sig=sig, planned=planned)
-            ptx = r["ptx"]
-            out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
-                            wgmma="wgmma.mma_async" in ptx, setmaxnreg="setmaxnreg" in ptx,
-                            mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="dkdv"))
+            out.append(dkdv_row(d, c, varlen, r, "dkdv", True))
     for c in _bwd_ws.one_pass_configs(d):
         # (Planned with GQA, Triton 3.9 spills 8 bytes here and 3.6, the GPU machine's, none: checked on 3.6.)
         # (ONE_PASS=4, a benchmark variant, spills 16 bytes with 2 stages and GQA, planned: left out.)
         runs = ((1, False, True, 1), (2, True, False, 1), (1, False, True, 3), (1, False, True, 4), (1, True, False, 4))
         for group, varlen, planned, mode in runs:
             r = _bwd_ws.compile_sm90(d, c, varlen=varlen, group=group, planned=planned, one_pass=mode)
-            ptx = r["ptx"]
-            adds = "cp.reduce.async.bulk.tensor" in ptx
-            out.append(dict(d=d, config=c, varlen=varlen, dtype="bf16", shared=r["shared"], resources=r["resources"],
-                            wgmma="wgmma.mma_async" in ptx and adds, setmaxnreg="setmaxnreg" in ptx,
-                            mbarrier="mbarrier.try_wait" in ptx, num_warps=r["num_warps"], kernel="dkdv 1p"))
+            out.append(dkdv_row(d, c, varlen, r, "dkdv 1p", "cp.reduce.async.bulk.tensor" in r["ptx"]))
 json.dump(out, sys.stdout)
 """
 
